@@ -1,0 +1,154 @@
+"""The merge configuration (YAML or Python), validated with pydantic.
+
+Every error names the offending key, so a typo in a YAML file fails before any model is
+loaded. The same object is embedded in the model card of the merged model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A merge config is invalid; the message names the key and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    """A task's data: calibration (and evaluation, when a test split is given)."""
+
+    path: str = Field(description="Hub dataset id, `save_to_disk` folder, or image folder")
+    split: str | None = Field(
+        None, description="split used for calibration (default: train, else the only one)"
+    )
+    test_split: str | None = Field(None, description="split used for evaluation, if any")
+    image_column: str | None = Field(None, description="image column; detected when unambiguous")
+    label_column: str | None = Field(None, description="label column; detected when unambiguous")
+    revision: str | None = Field(None, description="dataset revision for Hub datasets")
+
+
+class ModelEntry(_Strict):
+    model: str = Field(description="Hub id or local folder")
+    revision: str | None = Field(None, description="branch, tag or commit; resolved to a commit SHA")
+    task: str | None = Field(None, description="the task's name in the merged model")
+    data: DataConfig | None = None
+    weight: float | None = Field(None, description="per-model weight for weighted methods")
+
+
+class CalibrationConfig(_Strict):
+    samples_per_task: int = Field(256, gt=0, description="calibration images per task")
+    batch_size: int = Field(32, gt=0)
+    cache_dir: str | None = Field(None, description="where activation statistics are cached")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+class GroupRecipe(_Strict):
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class MergeConfig(_Strict):
+    """One merge, as written in a YAML file (see INTERFACES.md section 3)."""
+
+    method: str = Field(description="merge method name (see `hf-vitmerge merge --help`)")
+    base_model: str | None = Field(None, description="Hub id or folder of the shared pre-trained model")
+    base_revision: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    groups: dict[str, GroupRecipe] | None = Field(
+        None, description="per-layer-group recipes: embeddings, attention, mlp, norm, head"
+    )
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    heads: Literal["auto", "shared", "union", "multi"] = "auto"
+    seed: int = 0
+    device: str = "cpu"
+    evaluation_suite: str | None = Field(None, description="suite.json to evaluate the merged model on")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_as_entries(cls, value):
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, (str, os.PathLike)) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_method(self) -> MergeConfig:
+        from .methods import available_methods, get_method
+
+        names = [self.method] + [g.method for g in (self.groups or {}).values()]
+        for name in names:
+            if name not in available_methods() and name != "per_group":
+                raise ValueError(
+                    f"method: unknown merge method {name!r}; available: {', '.join(available_methods())}"
+                )
+        if self.groups:
+            from .arch import KINDS
+
+            bad = sorted(set(self.groups) - set(KINDS))
+            if bad:
+                raise ValueError(f"groups: unknown group(s) {bad}; valid groups: {', '.join(KINDS)}")
+        specs = [get_method(n) for n in names if n != "per_group"]
+        for spec in specs:
+            if spec.needs_base and not self.base_model:
+                raise ValueError(
+                    f"base_model: method {spec.name!r} works on task vectors and needs `base_model` "
+                    "(the pre-trained model the inputs were fine-tuned from)"
+                )
+        if self.method != "per_group":
+            get_method(self.method).validate_params(self.parameters)
+        for group, recipe in (self.groups or {}).items():
+            try:
+                get_method(recipe.method).validate_params(recipe.parameters)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"groups.{group}: {err}") from None
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=False), sort_keys=False)
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see INTERFACES.md section 3 for the schema)"
+        lines.append(f"  {loc}: {msg}")
+    return f"invalid merge config {origin}:\n" + "\n".join(lines)
+
+
+def load_config(config: str | os.PathLike | dict | MergeConfig) -> MergeConfig:
+    """Parse and validate a config from a YAML path, a dict or a ``MergeConfig``.
+
+    Relative paths in a YAML file stay relative to the current directory (as the user typed
+    them on the command line), matching how the examples are run from the repo root.
+    """
+    if isinstance(config, MergeConfig):
+        return config
+    origin = "(dict)"
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"merge config {path} does not exist")
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"merge config {path} is not valid YAML: {err}") from err
+        if not isinstance(config, dict):
+            raise ConfigError(
+                f"merge config {path} must be a YAML mapping with at least `method` and `models`"
+            )
+    try:
+        return MergeConfig.model_validate(config)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None

@@ -1,0 +1,295 @@
+"""Resolve, validate and load the models to merge: Hub ids (with revisions), local folders
+and the Hugging Face cache.
+
+Hub ids go through ``huggingface_hub.snapshot_download``, so ``HF_HUB_OFFLINE=1`` with a
+populated cache, private repos (``HF_TOKEN``) and custom ``HF_ENDPOINT`` all work as in the
+rest of the ecosystem. The resolved commit SHA is kept for the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .arch import IncompatibleModelError, ViTAdapter, check_compatible
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.md", "*.py", "*.txt"]
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found, read or validated."""
+
+
+@dataclass
+class ModelSource:
+    """A model to merge, resolved to a local folder but not necessarily loaded."""
+
+    ref: str  # what the user gave: Hub id or folder
+    path: Path  # local folder holding config.json and weights
+    revision: str | None = None  # as requested
+    commit: str | None = None  # resolved commit SHA for Hub models
+    name: str | None = None  # task name in the merged model
+    config: object = None
+    adapter: ViTAdapter = None
+    _model: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def is_hub(self) -> bool:
+        return self.commit is not None
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = self.config.id2label
+        return [str(id2label[i]) for i in range(len(id2label))]
+
+    def weight_files(self) -> list[Path]:
+        return _weight_files(self.path, self.ref)
+
+    def load_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The ``ViTForImageClassification`` (cached on this source)."""
+        if self._model is None:
+            self._model = _load_hf_model(self)
+        return self._model.to(dtype)
+
+    def tensors(self) -> TensorReader:
+        return TensorReader(self)
+
+    def image_processor(self):
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(self.path)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"model {self.ref!r} has no usable image processor (preprocessor_config.json): {err}. "
+                "Save one next to the model with `processor.save_pretrained(folder)`."
+            ) from err
+
+    def describe(self) -> dict:
+        return {"model": self.ref, "revision": self.revision, "commit": self.commit, "task": self.name}
+
+
+class TensorReader:
+    """Streams canonical tensors from a model's safetensors (or .bin) files, one at a time."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._handles: dict[Path, object] = {}
+        for file in source.weight_files():
+            for key in _file_keys(file, source.ref):
+                canon = source.adapter.canonical_key(key)
+                if canon is not None:
+                    self._where[canon] = (file, key)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            file, file_key = self._where[key]
+        except KeyError:
+            raise ModelLoadError(f"model {self.source.ref!r} has no tensor {key!r} in its weights") from None
+        if file.suffix == ".safetensors":
+            if file not in self._handles:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            return self._handles[file].get_tensor(file_key)
+        if file not in self._handles:
+            self._handles[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return self._handles[file][file_key]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _weight_files(path: Path, ref: str) -> list[Path]:
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        if (path / single).is_file():
+            return [path / single]
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [path / s for s in shards]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ModelLoadError(f"model {ref!r}: shards {missing} listed in {index_name} are missing")
+            return files
+    raise ModelLoadError(
+        f"model {ref!r} has no weights in {path} (expected model.safetensors, a sharded "
+        "model.safetensors.index.json or pytorch_model.bin). Save it with `model.save_pretrained(folder)`."
+    )
+
+
+def _file_keys(file: Path, ref: str) -> list[str]:
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        return list(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+    except (SafetensorError, OSError, RuntimeError, EOFError) as err:
+        raise ModelLoadError(
+            f"model {ref!r}: weights file {file.name} is corrupt or unreadable ({err})"
+        ) from err
+
+
+def _load_hf_model(source: ModelSource) -> torch.nn.Module:
+    from transformers import ViTForImageClassification, ViTModel
+
+    cls = ViTForImageClassification if source.adapter.prefix else ViTModel
+    try:
+        model, info = cls.from_pretrained(source.path, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelLoadError(f"model {source.ref!r} could not be loaded: {err}") from err
+    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        raise ModelLoadError(
+            f"model {source.ref!r} loaded with missing weights {sorted(missing)[:5]} "
+            f"or mismatched shapes {list(mismatched)[:5]}: its checkpoint does not match its config."
+        )
+    return model.eval()
+
+
+def resolve_model(
+    ref: str | os.PathLike, revision: str | None = None, name: str | None = None
+) -> ModelSource:
+    """Find a model folder locally or on the Hub (or in the HF cache) and validate it."""
+    from transformers import AutoConfig
+
+    ref_str = str(ref)
+    local = Path(ref_str).expanduser()
+    commit = None
+    if local.is_dir():
+        if revision not in (None, "main"):
+            raise ModelLoadError(
+                f"model {ref_str!r} is a local folder: a revision ({revision!r}) cannot apply"
+            )
+        path = local
+    elif _looks_like_path(ref_str):
+        raise ModelLoadError(f"model folder {ref_str!r} does not exist. Check the path.")
+    else:
+        path, commit = _download(ref_str, revision)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"model {ref_str!r} has no config.json in {path}: it is not a Hugging Face model folder"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model {ref_str!r}: config.json cannot be read ({err})") from err
+    if getattr(config, "model_type", None) != "vit":
+        raise IncompatibleModelError(
+            f"model {ref_str!r} is a {getattr(config, 'model_type', '?')!r} model; hf_vitmerge merges ViT models "
+            "(ViTForImageClassification / ViTModel, model_type 'vit')."
+        )
+    archs = getattr(config, "architectures", None) or ["ViTForImageClassification"]
+    with_classifier = "ViTModel" not in archs
+    source = ModelSource(ref=ref_str, path=path, revision=revision, commit=commit, name=name, config=config)
+    source.adapter = ViTAdapter.from_config(config, with_classifier=with_classifier)
+    _validate_weights(source)
+    return source
+
+
+def _validate_weights(source: ModelSource) -> None:
+    adapter = source.adapter
+    reader = TensorReader(source)
+    missing = [k for k in adapter.keys if k not in reader]
+    if not adapter.prefix and any("pooler" in k for k in reader.keys()):
+        adapter.has_pooler = True
+        adapter.__post_init__()
+        missing = [k for k in adapter.keys if k not in reader]
+    if missing:
+        raise ModelLoadError(
+            f"model {source.ref!r}: weights are missing {len(missing)} tensors required by its config "
+            f"(e.g. {missing[:3]}). The checkpoint is incomplete or belongs to another architecture."
+        )
+    for key in (
+        adapter.key("patch", "weight"),
+        adapter.classifier_keys[0] if adapter.classifier_keys else None,
+    ):
+        if key is None:
+            continue
+        shape = tuple(reader.get(key).shape)
+        if shape != adapter.info(key).shape:
+            raise ModelLoadError(
+                f"model {source.ref!r}: tensor {key} has shape {shape}, but its config implies "
+                f"{adapter.info(key).shape}. The checkpoint does not match config.json."
+            )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _looks_like_path(ref: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that is not a folder is a bad path."""
+    return not _HUB_ID.match(ref)
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS)
+    except RepositoryNotFoundError as err:
+        raise ModelLoadError(
+            f"model {repo_id!r} is neither a local folder nor a Hub repository you can access. "
+            "Check the id, or log in with `hf auth login` for private repos."
+        ) from err
+    except LocalEntryNotFoundError as err:
+        raise ModelLoadError(
+            f"model {repo_id!r} (revision {revision or 'main'}) is not in the local Hugging Face cache and the Hub "
+            "cannot be reached (offline?). Download it once with network access, or pass a local folder."
+        ) from err
+    except (HfHubHTTPError, ValueError, OSError) as err:
+        raise ModelLoadError(
+            f"model {repo_id!r} (revision {revision or 'main'}) could not be fetched: {err}"
+        ) from err
+    path = Path(folder)
+    return path, path.name  # snapshot folders are named by commit SHA
+
+
+def load_models(
+    models: Sequence[str | os.PathLike],
+    revisions: Sequence[str | None] | dict | str | None = None,
+    *,
+    names: Sequence[str | None] | None = None,
+    load_weights: bool = True,
+) -> list[ModelSource]:
+    """Resolve and validate several ViTs for merging.
+
+    ``revisions`` is one revision for all, a list parallel to ``models``, or a dict by model.
+    Raises ``IncompatibleModelError`` naming the models and fields when architectures differ.
+    With ``load_weights`` each source's model is loaded (``source.load_model()``).
+    """
+    refs = [str(m) for m in models]
+    if not refs:
+        raise ValueError("no models given: pass at least one model id or folder")
+    if isinstance(revisions, dict):
+        revs = [revisions.get(r) for r in refs]
+    elif isinstance(revisions, (list, tuple)):
+        if len(revisions) != len(refs):
+            raise ValueError(f"got {len(revisions)} revisions for {len(refs)} models")
+        revs = list(revisions)
+    else:
+        revs = [revisions] * len(refs)
+    names = list(names) if names is not None else [None] * len(refs)
+    sources = [resolve_model(r, rev, n) for r, rev, n in zip(refs, revs, names, strict=True)]
+    check_compatible({s.ref: s.adapter for s in sources})
+    if load_weights:
+        for s in sources:
+            s.load_model()
+    return sources

@@ -1,0 +1,26 @@
+"""Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023,
+https://arxiv.org/abs/2212.04089): ``theta = theta_base + lambda * sum_k (theta_k - theta_base)``."""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import merge_method
+
+
+def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Stacked task vectors ``theta_k - theta_base`` (shape ``[K, *param]``)."""
+    return torch.stack(tensors) - base.unsqueeze(0)
+
+
+@merge_method("task_arithmetic", needs_base=True, reference="https://arxiv.org/abs/2212.04089")
+def task_arithmetic(
+    tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, scaling: float = 0.3, **_
+) -> torch.Tensor:
+    """Add the sum of the task vectors, scaled by ``scaling`` (lambda), to the base model.
+
+    The paper picks lambda on validation data from [0, 1]; 0.3 is the common default for
+    8 or more tasks (FusionBench, TIES paper). With K models and ``scaling = 1/K`` this equals
+    plain averaging.
+    """
+    return base + scaling * task_vectors(tensors, base).sum(0)
