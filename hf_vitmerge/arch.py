@@ -412,7 +412,7 @@ class ViTAdapter:
                 continue
             rest = checkpoint_key[len(head) :]
             idx, _, tail = rest.partition(".")
-            for role, (old, new) in _BLOCK_MODULES.items():
+            for role, (_old, new) in _BLOCK_MODULES.items():
                 if tail.startswith(new + "."):
                     attr = tail[len(new) + 1 :]
                     return self.key(role, attr, int(idx))

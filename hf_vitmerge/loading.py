@@ -207,7 +207,7 @@ def _validate_weights(source: ModelSource) -> None:
     adapter = source.adapter
     reader = TensorReader(source)
     missing = [k for k in adapter.keys if k not in reader]
-    if not adapter.prefix and any("pooler" in k for k in reader.keys()):
+    if not adapter.prefix and any("pooler" in k for k in reader):
         adapter.has_pooler = True
         adapter.__post_init__()
         missing = [k for k in adapter.keys if k not in reader]

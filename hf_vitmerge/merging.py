@@ -188,10 +188,7 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     else:
         spec = get_method(config.method)
         params = spec.validate_params(config.parameters)
-        if spec.kind == "tensorwise":
-            result = tensorwise_result(ctx, spec, params)
-        else:
-            result = spec.fn(ctx, **params)
+        result = tensorwise_result(ctx, spec, params) if spec.kind == "tensorwise" else spec.fn(ctx, **params)
     info = dict(result.info)
     info.setdefault(
         "merge_seconds", round(time.perf_counter() - start - ctx.timings.get("stats_seconds", 0.0), 3)

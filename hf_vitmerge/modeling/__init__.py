@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from .multihead import ViTMultiHeadConfig, ViTMultiHeadForImageClassification
@@ -18,10 +20,8 @@ def register(config_cls, model_cls) -> None:
         AutoConfig.register(config_cls.model_type, config_cls)
     except ValueError:
         pass  # already registered in this process
-    try:
+    with contextlib.suppress(ValueError):
         AutoModelForImageClassification.register(config_cls, model_cls)
-    except ValueError:
-        pass
     config_cls.register_for_auto_class()
     model_cls.register_for_auto_class("AutoModelForImageClassification")
 
