@@ -1,3 +1,46 @@
-"""hf_vitmerge: merge Hugging Face Vision Transformers."""
+"""hf_vitmerge: merge Hugging Face Vision Transformers fine-tuned for different tasks and domains.
+
+Public API::
+
+    import hf_vitmerge as hv
+    sources = hv.load_models(["org/vit-a", "./vit-b"], revisions=["v1", None])
+    model = hv.merge(["org/vit-a", "./vit-b"], method="task_arithmetic", base_model="org/vit-base", scaling=0.3)
+    run = hv.run_merge("examples/shapes-tasks-ties.yaml", "out/ties")
+    scores = hv.evaluate_model("out/ties", "zoo/shapes-tasks/suite.json")
+"""
 
 __version__ = "0.1.0"
+
+from . import modeling  # noqa: E402,F401  (registers merged-model classes with the Auto classes)
+from .api import bench, demo, run_merge, suite_config  # noqa: E402
+from .arch import IncompatibleModelError, MergeGroup, ViTAdapter  # noqa: E402
+from .config import ConfigError, MergeConfig, load_config  # noqa: E402
+from .evaluation import evaluate_model, reference_results  # noqa: E402
+from .loading import ModelLoadError, ModelSource, load_models, resolve_model  # noqa: E402
+from .merging import MergeContext, MergeResult, merge  # noqa: E402
+from .methods import available_methods, get_method, merge_method  # noqa: E402
+
+__all__ = [
+    "ConfigError",
+    "IncompatibleModelError",
+    "MergeConfig",
+    "MergeContext",
+    "MergeGroup",
+    "MergeResult",
+    "ModelLoadError",
+    "ModelSource",
+    "ViTAdapter",
+    "available_methods",
+    "bench",
+    "demo",
+    "evaluate_model",
+    "get_method",
+    "load_config",
+    "load_models",
+    "merge",
+    "merge_method",
+    "reference_results",
+    "resolve_model",
+    "run_merge",
+    "suite_config",
+]

@@ -123,15 +123,20 @@ class MergeContext:
 
 
 def _task_names(config: MergeConfig, sources: list[ModelSource]) -> list[str]:
-    names = []
-    for entry, src in zip(config.models, sources, strict=True):
-        name = entry.task or Path(src.ref.rstrip("/")).name
-        names.append(name)
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+    """Explicit ``task:`` names must be unique; names derived from folders get a suffix if repeated."""
+    explicit = [e.task for e in config.models if e.task]
+    dup = sorted({n for n in explicit if explicit.count(n) > 1})
+    if dup:
         raise ValueError(
             f"task names {dup} are used by more than one model; give each model a distinct `task:`"
         )
+    names: list[str] = []
+    for entry, src in zip(config.models, sources, strict=True):
+        name = entry.task or Path(src.ref.rstrip("/")).name
+        candidate, n = name, 2
+        while candidate in names or (not entry.task and candidate in explicit):
+            candidate, n = f"{name}-{n}", n + 1
+        names.append(candidate)
     return names
 
 

@@ -50,12 +50,12 @@ class MethodSpec:
         for key, value in params.items():
             default = self.defaults[key]
             if isinstance(default, bool) and not isinstance(value, bool):
-                raise TypeError(
+                raise ValueError(
                     f"parameter {key!r} of method {self.name!r} must be true/false, got {value!r}"
                 )
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise TypeError(
+                    raise ValueError(
                         f"parameter {key!r} of method {self.name!r} must be a number, got {value!r}"
                     )
                 value = type(default)(value) if isinstance(default, float) else value

@@ -1,0 +1,397 @@
+"""The public workflows: ``run_merge`` (merge -> evaluate -> card -> atomic save -> push),
+``bench`` (several methods on one suite) and ``demo`` (the embedded default end to end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import yaml
+
+from . import __version__
+from .config import MergeConfig, load_config
+from .merging import MergeContext, execute, prepare
+from .suite import Suite, load_suite
+
+
+@dataclass
+class MergeRun:
+    """What ``run_merge`` produced."""
+
+    path: Path
+    model: object
+    info: dict
+    results: dict | None = None
+    push_url: str | None = None
+    context: MergeContext | None = field(default=None, repr=False)
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing non-empty output folder unless ``overwrite`` (checked before any work)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"output {out} already exists and is not empty. Choose another --out, or pass --overwrite "
+            "(overwrite=True) to replace it."
+        )
+    return out
+
+
+def save_atomically(out_dir: Path, write, overwrite: bool) -> Path:
+    """Call ``write(tmp_dir)``, then move the finished folder into place.
+
+    A crash leaves the previous ``out_dir`` (if any) untouched; nothing half-written ever
+    appears at ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def save_merged_model(ctx: MergeContext, model, info: dict, results: dict | None, folder: Path) -> None:
+    """Write the model, its image processor, config, results and model card into ``folder``."""
+    from .card import write_model_card
+
+    model.save_pretrained(folder)
+    ctx.sources[0].image_processor().save_pretrained(folder)
+    (folder / "merge_config.yaml").write_text(ctx.config.to_yaml())
+    if results is not None:
+        (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
+    write_model_card(folder, ctx, info, results)
+
+
+def run_merge(
+    config: str | os.PathLike | dict | MergeConfig,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    device: str | None = None,
+    evaluation_suite: str | None = None,
+    quiet: bool = False,
+) -> MergeRun:
+    """Run one merge described by a config and write the merged model folder.
+
+    The folder holds the model (``from_pretrained``-loadable), its image processor, the
+    config (``merge_config.yaml``), evaluation results when a suite is given, and a model
+    card. With ``push_to_hub`` the folder is uploaded afterwards; a failed push raises
+    ``hf_vitmerge.hub.PushError`` and keeps the local folder.
+    """
+    config = load_config(config)
+    updates = {}
+    if device:
+        updates["device"] = device
+    if evaluation_suite:
+        updates["evaluation_suite"] = str(evaluation_suite)
+    if updates:
+        config = config.model_copy(update=updates)
+    out = check_output_dir(out_dir, overwrite)
+    ctx = prepare(config, quiet=quiet)
+    model, info = execute(ctx)
+    results = None
+    if config.evaluation_suite:
+        from .evaluation import evaluate_model
+
+        results = evaluate_model(
+            model,
+            config.evaluation_suite,
+            processor=ctx.sources[0].image_processor(),
+            device=config.device,
+            quiet=quiet,
+        )
+        results = {"method": config.method, "params": config.parameters, **results}
+    save_atomically(out, lambda tmp: save_merged_model(ctx, model, info, results, tmp), overwrite)
+    run = MergeRun(path=out, model=model, info=info, results=results, context=ctx)
+    if push_to_hub:
+        from .hub import push_folder
+
+        run.push_url = push_folder(out, push_to_hub, private=private)
+    return run
+
+
+# ----------------------------------------------------------------------------- suites -> configs
+def suite_config(
+    suite: Suite | str,
+    method: str,
+    parameters: dict | None = None,
+    *,
+    heads: str = "auto",
+    seed: int = 0,
+    samples_per_task: int = 256,
+    device: str = "cpu",
+    tasks: list[str] | None = None,
+) -> MergeConfig:
+    """A merge config covering every task of a suite (train splits as calibration data)."""
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    chosen = [suite.task(t) for t in tasks] if tasks else suite.tasks
+    return load_config(
+        {
+            "method": method,
+            "base_model": str(suite.base_model) if suite.base_model else None,
+            "models": [
+                {
+                    "model": str(t.model),
+                    "task": t.name,
+                    "data": {
+                        "path": str(t.train),
+                        "image_column": t.image_column,
+                        "label_column": t.label_column,
+                    },
+                }
+                for t in chosen
+            ],
+            "parameters": parameters or {},
+            "heads": heads,
+            "seed": seed,
+            "device": device,
+            "calibration": {"samples_per_task": samples_per_task},
+        }
+    )
+
+
+_METHOD_ITEM = re.compile(r"^\s*([\w-]+)\s*(?:\[(.*)\])?\s*$")
+
+
+def parse_methods(text: str) -> list[tuple[str, dict]]:
+    """Parse ``"average,zipit[stop_block=0.5],ties[density=0.2;scaling=1]"``."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    out = []
+    for item in filter(str.strip, items):
+        m = _METHOD_ITEM.match(item)
+        if not m:
+            raise ValueError(f"cannot parse method {item!r}; write name or name[key=value;key=value]")
+        params = {}
+        for kv in filter(str.strip, (m.group(2) or "").split(";")):
+            if "=" not in kv:
+                raise ValueError(f"method {item!r}: parameter {kv!r} must be key=value")
+            k, v = kv.split("=", 1)
+            params[k.strip()] = yaml.safe_load(v)
+        out.append((m.group(1), params))
+    return out
+
+
+class _PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak_mb`` after exit."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def bench(
+    suite_path: str | os.PathLike,
+    methods: str | list[tuple[str, dict]],
+    *,
+    json_path: str | os.PathLike | None = None,
+    markdown_path: str | os.PathLike | None = None,
+    heads: str = "auto",
+    seed: int = 0,
+    samples_per_task: int = 256,
+    device: str = "cpu",
+    quiet: bool = False,
+) -> dict:
+    """Run several methods on one suite; return (and write) the INTERFACES.md §4 results."""
+    from .evaluation import evaluate_model, reference_results
+
+    suite = load_suite(suite_path)
+    items = parse_methods(methods) if isinstance(methods, str) else list(methods)
+    report = {
+        "suite": suite.name,
+        "hf_vitmerge_version": __version__,
+        "reference": reference_results(suite, device=device, quiet=quiet),
+        "results": [],
+    }
+    for name, params in items:
+        config = suite_config(
+            suite, name, params, heads=heads, seed=seed, samples_per_task=samples_per_task, device=device
+        )
+        ctx = prepare(config, quiet=quiet)
+        start = time.perf_counter()
+        with _PeakRSS() as mem:
+            model, info = execute(ctx)
+        total = time.perf_counter() - start
+        scores = evaluate_model(
+            model, suite, processor=ctx.sources[0].image_processor(), device=device, quiet=quiet
+        )
+        stats_s = info.get("stats_seconds", 0.0)
+        report["results"].append(
+            {
+                "method": name,
+                "params": ctx.config.parameters,
+                **{
+                    k: scores[k]
+                    for k in (
+                        "per_task_accuracy",
+                        "avg_task_accuracy",
+                        "normalized_accuracy",
+                        "joint_accuracy",
+                    )
+                },
+                "merge_seconds": round(total - stats_s, 3),
+                "stats_seconds": round(stats_s, 3),
+                "peak_rss_mb": mem.peak_mb,
+                "num_parameters": scores["num_parameters"],
+            }
+        )
+    if json_path:
+        _write_text(Path(json_path), json.dumps(report, indent=2))
+    if markdown_path:
+        _write_text(Path(markdown_path), results_markdown(report))
+    return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def results_markdown(report: dict) -> str:
+    """A markdown table of a bench report (one row per reference and method)."""
+    tasks = list(report["reference"]["individual"]["per_task_accuracy"])
+    head = ["method", "params", "avg acc", "normalized", "joint", *tasks, "merge s", "stats s", "peak RSS MB"]
+    rows = []
+    for ref in ("individual", "ensemble"):
+        r = report["reference"][ref]
+        rows.append(
+            [
+                f"*{ref}*",
+                "",
+                _fmt(r["avg_task_accuracy"]),
+                "1.000" if ref == "individual" else "–",
+                _fmt(r.get("joint_accuracy")),
+                *[_fmt(r["per_task_accuracy"][t]) for t in tasks],
+                "",
+                "",
+                "",
+            ]
+        )
+    for r in report["results"]:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        rows.append(
+            [
+                r["method"],
+                params,
+                _fmt(r["avg_task_accuracy"]),
+                _fmt(r["normalized_accuracy"]),
+                _fmt(r["joint_accuracy"]),
+                *[_fmt(r["per_task_accuracy"].get(t)) for t in tasks],
+                _fmt(r["merge_seconds"]),
+                _fmt(r["stats_seconds"]),
+                _fmt(r["peak_rss_mb"]),
+            ]
+        )
+    lines = [
+        f"Suite `{report['suite']}` (hf_vitmerge {report['hf_vitmerge_version']})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- demo
+DEMO_SUITE = "digits-domains"
+DEMO_METHOD = "task_arithmetic"
+DEMO_PARAMETERS: dict = {"scaling": 0.3}
+
+
+def demo(
+    out_dir: str | os.PathLike = "hf-vitmerge-demo",
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Build (or reuse) the default suite, merge it, evaluate, and write everything to ``out_dir``.
+
+    Returns a dict with the paths and the results.
+    """
+    from .zoo import build_suite
+
+    out = Path(out_dir)
+    model_dir = out / "merged-model"
+    check_output_dir(model_dir, overwrite)
+    suite_json = build_suite(DEMO_SUITE, size=size, seed=seed, quiet=quiet)
+    config = suite_config(suite_json, DEMO_METHOD, DEMO_PARAMETERS, seed=seed)
+    config = config.model_copy(update={"evaluation_suite": str(suite_json)})
+    run = run_merge(config, model_dir, overwrite=overwrite, quiet=quiet)
+    from .evaluation import reference_results
+
+    report = {
+        "suite": DEMO_SUITE,
+        "hf_vitmerge_version": __version__,
+        "reference": reference_results(suite_json),
+        "results": [{**run.results, "merge_seconds": run.info.get("merge_seconds")}],
+    }
+    for key in ("stats_seconds", "peak_rss_mb"):
+        report["results"][0].setdefault(key, None)
+    _write_text(out / "results.json", json.dumps(report, indent=2))
+    _write_text(out / "results.md", results_markdown(report))
+    return {
+        "suite": Path(suite_json),
+        "model": model_dir,
+        "results_json": out / "results.json",
+        "results_md": out / "results.md",
+        "report": report,
+    }

@@ -1,0 +1,215 @@
+"""Per-task, joint and normalized accuracy of any model against a suite (INTERFACES.md §4).
+
+Scores are computed by the project's own ``evaluate`` module, shipped in
+``hf_vitmerge/metrics/vitmerge_accuracy`` and loaded by path (no Hub access).
+
+* per-task accuracy: argmax within the task's own labels (the task is known);
+* joint accuracy: argmax over the union of all tasks' labels, no task given (null when
+  the tasks share one label space);
+* normalized accuracy: mean over tasks of merged / individual accuracy;
+* ensemble: every task model side by side; jointly, per-task softmax then argmax over the
+  concatenation (the ZipIt! protocol).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import load_task_data
+from .suite import Suite, SuiteTask, load_suite
+
+METRIC_PATH = Path(__file__).parent / "metrics" / "vitmerge_accuracy"
+
+
+@lru_cache(maxsize=1)
+def load_metric():
+    """The ``vitmerge_accuracy`` evaluate module, loaded from the package (offline)."""
+    import evaluate
+
+    return evaluate.load(str(METRIC_PATH))
+
+
+def _as_suite(suite: Suite | str | os.PathLike) -> Suite:
+    return suite if isinstance(suite, Suite) else load_suite(suite)
+
+
+def _load(model_or_path, processor=None):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from . import modeling  # noqa: F401  (registers custom merged-model classes)
+
+    if isinstance(model_or_path, torch.nn.Module):
+        return model_or_path, processor
+    path = str(model_or_path)
+    model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)
+    return model.eval(), processor or AutoImageProcessor.from_pretrained(path)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model, processor, task: SuiteTask, *, batch_size: int = 64, device: str = "cpu", quiet: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``model`` on a task's test split, and the true labels."""
+    data = load_task_data(
+        task.test,
+        image_column=task.image_column,
+        label_column=task.label_column,
+        num_labels=len(task.labels),
+        require_labels=True,
+    )
+    model = model.to(device).eval()
+    outs, labels = [], []
+    for pixels, y in tqdm(
+        data.batches(processor, batch_size, with_labels=True),
+        desc=f"eval {task.name}",
+        disable=quiet,
+        total=-(-len(data) // batch_size),
+    ):
+        outs.append(model(pixel_values=pixels.to(device)).logits.float().cpu())
+        labels.append(y)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def label_positions(model_labels: list[str], task: SuiteTask) -> list[int] | None:
+    """Index in the model's label space of each of the task's labels (``task:label`` first)."""
+    index = {name: i for i, name in enumerate(model_labels)}
+    out = []
+    for label in task.labels:
+        pos = index.get(f"{task.name}:{label}", index.get(label))
+        if pos is None:
+            return None
+        out.append(pos)
+    return out
+
+
+def _model_labels(model) -> list[str]:
+    id2label = model.config.id2label
+    return [str(id2label[i]) for i in range(len(id2label))]
+
+
+_CACHE: dict = {}
+
+
+def individual_accuracies(
+    suite: Suite | str, *, batch_size: int = 64, device: str = "cpu"
+) -> dict[str, float]:
+    """Each task model's accuracy on its own test split (the normalisation reference)."""
+    suite = _as_suite(suite)
+    key = ("individual", str(suite.path.resolve()))
+    if key not in _CACHE:
+        metric = load_metric()
+        preds, refs, ids = [], [], []
+        for ti, task in enumerate(suite.tasks):
+            logits, y = predict_logits(*_load(task.model), task, batch_size=batch_size, device=device)
+            preds.append(logits.argmax(-1))
+            refs.append(y)
+            ids.append(torch.full_like(y, ti))
+        scores = metric.compute(
+            predictions=torch.cat(preds),
+            references=torch.cat(refs),
+            tasks=torch.cat(ids),
+            task_names=suite.task_names,
+        )
+        _CACHE[key] = scores["per_task_accuracy"]
+    return dict(_CACHE[key])
+
+
+def reference_results(
+    suite: Suite | str, *, batch_size: int = 64, device: str = "cpu", quiet: bool = True
+) -> dict:
+    """Individual and ensemble references (INTERFACES.md §4 ``reference``)."""
+    suite = _as_suite(suite)
+    individual = individual_accuracies(suite, batch_size=batch_size, device=device)
+    avg = sum(individual.values()) / len(individual)
+    joint = None
+    if not suite.shared_labels:
+        models = [_load(t.model) for t in suite.tasks]
+        offsets = [0]
+        for t in suite.tasks:
+            offsets.append(offsets[-1] + len(t.labels))
+        hits = []
+        for ti, task in enumerate(tqdm(suite.tasks, desc="ensemble", disable=quiet)):
+            probs, y = [], None
+            for m, p in models:
+                logits, y = predict_logits(m, p, task, batch_size=batch_size, device=device)
+                probs.append(torch.softmax(logits, -1))
+            hits.append((torch.cat(probs, -1).argmax(-1) == (y + offsets[ti])).float())
+        joint = float(torch.cat(hits).mean())
+    return {
+        "individual": {"per_task_accuracy": individual, "avg_task_accuracy": avg},
+        "ensemble": {"per_task_accuracy": individual, "avg_task_accuracy": avg, "joint_accuracy": joint},
+    }
+
+
+def evaluate_model(
+    model_or_path,
+    suite: Suite | str | os.PathLike,
+    *,
+    processor=None,
+    tasks: list[str] | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    quiet: bool = True,
+    normalize: bool = True,
+) -> dict:
+    """Evaluate a model (object or folder/Hub id) on a suite's test splits.
+
+    Tasks whose labels the model does not have get ``None`` per-task accuracy; joint accuracy
+    counts their examples as errors. ``processor`` defaults to the model folder's processor,
+    or to the first task model's for an in-memory model.
+    """
+    suite = _as_suite(suite)
+    chosen = [suite.task(n) for n in tasks] if tasks else list(suite.tasks)
+    if processor is None and isinstance(model_or_path, torch.nn.Module):
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(chosen[0].model)
+    model, processor = _load(model_or_path, processor)
+    labels = _model_labels(model)
+    metric = load_metric()
+    preds, refs, task_ids, joint_hits = [], [], [], []
+    covered = []
+    union_positions = [label_positions(labels, t) for t in chosen]
+    joint_cols = sorted({p for pos in union_positions if pos for p in pos})
+    for ti, task in enumerate(tqdm(chosen, desc="evaluate", disable=quiet)):
+        logits, y = predict_logits(model, processor, task, batch_size=batch_size, device=device)
+        pos = union_positions[ti]
+        if pos is not None:
+            covered.append(task.name)
+            own = logits[:, pos]
+            preds.append(own.argmax(-1))
+            refs.append(y)
+            task_ids.append(torch.full_like(y, len(covered) - 1))
+        if not suite.shared_labels:
+            if pos is None:
+                joint_hits.append(torch.zeros(len(y)))
+            else:
+                cols = torch.tensor(joint_cols)
+                pred_col = cols[logits[:, cols].argmax(-1)]
+                joint_hits.append((pred_col == torch.tensor(pos)[y]).float())
+    if not covered:
+        raise ValueError(
+            f"the model's labels ({labels[:5]}...) match none of the tasks of suite {suite.name!r}: "
+            "is it a model for this suite?"
+        )
+    individual = individual_accuracies(suite, batch_size=batch_size, device=device) if normalize else None
+    scores = metric.compute(
+        predictions=torch.cat(preds),
+        references=torch.cat(refs),
+        tasks=torch.cat(task_ids),
+        task_names=covered,
+        individual=individual,
+    )
+    per_task = {t.name: scores["per_task_accuracy"].get(t.name) for t in chosen}
+    return {
+        "per_task_accuracy": per_task,
+        "avg_task_accuracy": scores["avg_task_accuracy"],
+        "normalized_accuracy": scores["normalized_accuracy"],
+        "joint_accuracy": float(torch.cat(joint_hits).mean()) if joint_hits else None,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
