@@ -54,7 +54,7 @@ def make_vit(
         new = {
             k: v + noise * torch.randn(v.shape, generator=g)
             for k, v in src.items()
-            if not adapter.info(k).kind == "head" or v.shape == adapter.info(k).shape
+            if adapter.info(k).kind != "head" or v.shape == adapter.info(k).shape
         }
         adapter.load_state_dict(model, new, strict=False)
     if folder is not None:

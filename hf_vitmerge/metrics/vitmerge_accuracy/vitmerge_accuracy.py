@@ -21,7 +21,8 @@ Args:
     references (list of int): true label index, within the example's task.
     tasks (list of int): task index of each example.
     task_names (list of str, optional): names of the tasks, by index.
-    individual (dict of str to float, optional): each task's individual-model accuracy.
+    individual (dict of str to float, optional): each task's individual-model accuracy; tasks whose
+        individual accuracy is 0 cannot be normalised and are left out of normalized_accuracy.
 Returns:
     per_task_accuracy (dict), avg_task_accuracy (float), normalized_accuracy (float or None),
     accuracy (float): accuracy over all examples pooled.
