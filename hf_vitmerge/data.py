@@ -84,7 +84,7 @@ def load_task_data(
             ds = datasets.load_dataset(path_str, revision=revision)
     except DataError:
         raise
-    except (FileNotFoundError, ValueError, OSError, ConnectionError) as err:
+    except (FileNotFoundError, ValueError, OSError, ConnectionError, IndexError) as err:
         raise DataError(f"dataset {path_str!r} could not be loaded: {err}") from err
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
