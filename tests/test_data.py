@@ -23,7 +23,10 @@ def test_saved_dataset_detects_columns_and_batches(tmp_path):
     assert batches[0][0].shape[1:] == (3, 16, 16)
     assert data.labels().tolist() == [i % 3 for i in range(10)]
     sub = data.subset(4, seed=1)
-    assert len(sub) == 4 and sub.subset(4, seed=1).dataset[:]["label"] == data.subset(4, seed=1).dataset[:]["label"]
+    assert (
+        len(sub) == 4
+        and sub.subset(4, seed=1).dataset[:]["label"] == data.subset(4, seed=1).dataset[:]["label"]
+    )
 
 
 def test_dataset_dict_split_selection(tmp_path):
@@ -60,4 +63,3 @@ def test_errors(tmp_path):
     empty.save_to_disk(str(tmp_path / "empty"))
     with pytest.raises(DataError, match="could not be loaded"):  # datasets cannot even reload it
         load_task_data(tmp_path / "empty")
-

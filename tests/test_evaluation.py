@@ -14,8 +14,13 @@ from hf_vitmerge.suite import SuiteError, load_suite
 def test_metric_module_loads_by_path_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     metric = evaluate.load(str(METRIC_PATH))
-    out = metric.compute(predictions=[0, 1, 1, 2], references=[0, 1, 0, 2], tasks=[0, 0, 1, 1],
-                         task_names=["a", "b"], individual={"a": 1.0, "b": 0.8})
+    out = metric.compute(
+        predictions=[0, 1, 1, 2],
+        references=[0, 1, 0, 2],
+        tasks=[0, 0, 1, 1],
+        task_names=["a", "b"],
+        individual={"a": 1.0, "b": 0.8},
+    )
     assert out["per_task_accuracy"] == {"a": 1.0, "b": 0.5}
     assert out["avg_task_accuracy"] == 0.75
     assert out["normalized_accuracy"] == pytest.approx((1.0 / 1.0 + 0.5 / 0.8) / 2)
@@ -27,7 +32,9 @@ def test_individual_models_score_their_own_task(micro_suite):
     ref = reference_results(suite)
     task = suite.tasks[1]
     res = evaluate_model(task.model, suite)
-    assert res["per_task_accuracy"][task.name] == pytest.approx(ref["individual"]["per_task_accuracy"][task.name])
+    assert res["per_task_accuracy"][task.name] == pytest.approx(
+        ref["individual"]["per_task_accuracy"][task.name]
+    )
     assert res["normalized_accuracy"] == pytest.approx(1.0)
     # the other tasks' labels are not all in this model: no per-task score
     assert res["per_task_accuracy"]["task0"] is None

@@ -1,0 +1,146 @@
+"""The command line: thin over the API, clear one-paragraph errors, no tracebacks, no overwrites."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from hf_vitmerge.cli import main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "hf_vitmerge.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_help_for_every_command():
+    for cmd in ([], ["demo"], ["zoo", "build"], ["merge"], ["evaluate"], ["bench"], ["inspect"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd, "--help"])
+        assert exc.value.code == 0
+
+
+def test_zoo_list(capsys):
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    for suite in ("digits-split", "digits-split5", "digits-domains", "shapes-tasks"):
+        assert suite in out
+
+
+def test_bad_config_is_one_paragraph_without_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "average", "models": ["a"], "paramters": {}}))
+    res = run_cli("merge", str(cfg), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert "paramters: unknown key" in res.stderr and str(cfg) in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "average", "models": ["./nowhere/a", "./nowhere/b"]}))
+    res = run_cli("merge", str(cfg), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "./nowhere/a" in res.stderr and "does not exist" in res.stderr
+
+
+def test_merge_writes_loadable_folder_and_refuses_to_overwrite(tmp_path, micro_suite):
+    from transformers import AutoModelForImageClassification
+
+    root = micro_suite.parent
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "method": "task_arithmetic",
+                "base_model": str(root / "base"),
+                "models": [
+                    {"model": str(root / "models" / f"task{i}"), "task": f"task{i}"} for i in range(3)
+                ],
+                "parameters": {"scaling": 0.4},
+                "heads": "union",
+            }
+        )
+    )
+    out = tmp_path / "merged"
+    assert main(["merge", str(cfg), "--out", str(out), "--quiet"]) == 0
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "merge_config.yaml",
+    ):
+        assert (out / name).is_file(), name
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == 7
+    before = (out / "model.safetensors").read_bytes()
+    res = run_cli("merge", str(cfg), "--out", str(out))
+    assert res.returncode == 2 and "already exists" in res.stderr and "--overwrite" in res.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main(["merge", str(cfg), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert (out / "model.safetensors").read_bytes() == before  # same config and seed: same bytes
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")], "no temporary folders left"
+
+
+def test_evaluate_writes_json(tmp_path, micro_suite, capsys):
+    root = micro_suite.parent
+    out = tmp_path / "ev.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(root / "models" / "task0"),
+                "--suite",
+                str(micro_suite),
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert set(res["per_task_accuracy"]) == {"task0", "task1", "task2"}
+    from hf_vitmerge import reference_results
+
+    own = reference_results(micro_suite)["individual"]["per_task_accuracy"]["task0"]
+    assert res["per_task_accuracy"]["task0"] == pytest.approx(own)
+    assert res["per_task_accuracy"]["task1"] is None and res["model"].endswith("task0")
+
+
+def test_bench_json_and_markdown(tmp_path, micro_suite):
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    assert (
+        main(
+            [
+                "bench",
+                str(micro_suite),
+                "--methods",
+                "average,task_arithmetic[scaling=0.5]",
+                "--json",
+                str(js),
+                "--markdown",
+                str(md),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(js.read_text())
+    assert report["suite"] == "micro" and [r["method"] for r in report["results"]] == [
+        "average",
+        "task_arithmetic",
+    ]
+    assert report["results"][1]["params"] == {"scaling": 0.5}
+    for r in report["results"]:
+        assert r["peak_rss_mb"] > 0 and r["num_parameters"] > 0 and r["merge_seconds"] >= 0
+        assert set(r["per_task_accuracy"]) == {"task0", "task1", "task2"}
+    assert set(report["reference"]) == {"individual", "ensemble"}
+    assert "| average |" in md.read_text()
