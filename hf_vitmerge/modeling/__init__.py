@@ -6,20 +6,35 @@ import contextlib
 
 from transformers import AutoConfig, AutoModelForImageClassification
 
+from .gated import GatedMergedViTForImageClassification, GatedViTConfig, TaskGate, TaskGateConfig
 from .multihead import ViTMultiHeadConfig, ViTMultiHeadForImageClassification
+from .partial_zip import ViTPartialZipConfig, ViTPartialZipForImageClassification
 
-__all__ = ["ViTMultiHeadConfig", "ViTMultiHeadForImageClassification", "register"]
+__all__ = [
+    "GatedMergedViTForImageClassification",
+    "GatedViTConfig",
+    "TaskGate",
+    "TaskGateConfig",
+    "ViTMultiHeadConfig",
+    "ViTMultiHeadForImageClassification",
+    "ViTPartialZipConfig",
+    "ViTPartialZipForImageClassification",
+    "register",
+]
 
-_CUSTOM = [(ViTMultiHeadConfig, ViTMultiHeadForImageClassification)]
+_CUSTOM = [
+    (ViTMultiHeadConfig, ViTMultiHeadForImageClassification),
+    (GatedViTConfig, GatedMergedViTForImageClassification),
+    (TaskGateConfig, TaskGate),
+    (ViTPartialZipConfig, ViTPartialZipForImageClassification),
+]
 
 
 def register(config_cls, model_cls) -> None:
     """Register a custom merged-model class with the Auto classes (in this process) and for
     ``auto_map`` (so ``save_pretrained`` copies its code into the folder)."""
-    try:
+    with contextlib.suppress(ValueError):  # already registered in this process
         AutoConfig.register(config_cls.model_type, config_cls)
-    except ValueError:
-        pass  # already registered in this process
     with contextlib.suppress(ValueError):
         AutoModelForImageClassification.register(config_cls, model_cls)
     config_cls.register_for_auto_class()

@@ -1,0 +1,291 @@
+"""Gated merging: similarity ranking, dynamic layers, gate training, per-sample inference,
+save/load and trust_remote_code loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_vitmerge.arch import ViTAdapter
+from hf_vitmerge.gate import train_gate, trainer_arguments
+from hf_vitmerge.merging import merge
+from hf_vitmerge.methods.gated import dynamic_keys, least_similar, mean_pairwise_cosine, resolve_m
+
+LAYERS = 2
+TASKS = {"red": (["a", "b", "c"], (200, 30, 30)), "blue": (["x", "y"], (30, 30, 200))}
+
+
+def _vit_config(num_labels: int):
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        id2label={i: str(i) for i in range(num_labels)},
+        label2id={str(i): i for i in range(num_labels)},
+    )
+
+
+def _images(color, n: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        arr = np.clip(np.array(color) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(arr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A shared-init 2-task zoo: the tasks' layer-1 blocks differ much more than layer 0's."""
+    import datasets
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("gated_zoo")
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    torch.manual_seed(0)
+    base = ViTForImageClassification(_vit_config(3)).eval()
+    base.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    adapter = ViTAdapter.from_model(base)
+    base_sd = {k: v.clone() for k, v in adapter.state_dict(base).items()}
+    models = []
+    for t, (name, (labels, color)) in enumerate(TASKS.items()):
+        model = ViTForImageClassification(_vit_config(len(labels))).eval()
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {v: i for i, v in enumerate(labels)}
+        gen = torch.Generator().manual_seed(100 + t)
+        tensors = {}
+        for p in adapter.params:
+            if p.kind == "head":
+                continue
+            scale = 0.5 if p.layer == 1 else 0.01
+            tensors[p.key] = base_sd[p.key] + scale * torch.randn(p.shape, generator=gen)
+        ViTAdapter.from_model(model).load_state_dict(model, tensors, strict=False)
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+        ds = datasets.Dataset.from_dict(
+            {"image": _images(color, 40, t), "label": [i % len(labels) for i in range(40)]},
+            features=datasets.Features(
+                {"image": datasets.Image(), "label": datasets.ClassLabel(names=labels)}
+            ),
+        )
+        ds.save_to_disk(str(root / "data" / name / "train"))
+        models.append(
+            {"model": str(root / name), "task": name, "data": {"path": str(root / "data" / name / "train")}}
+        )
+    return {"root": root, "base": str(root / "base"), "models": models, "processor": processor}
+
+
+def _config(zoo, **parameters) -> dict:
+    params = {
+        "trainer": {"num_train_epochs": 3, "per_device_train_batch_size": 16},
+        "gate_channels": [8, 8],
+        **parameters,
+    }
+    return {
+        "method": "gated",
+        "base_model": zoo["base"],
+        "models": zoo["models"],
+        "parameters": params,
+        "seed": 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def gated_model(zoo):
+    return merge(_config(zoo, m=1), quiet=True)
+
+
+def _pixels(zoo, per_task: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    images, tasks = [], []
+    for t, (_labels, color) in enumerate(TASKS.values()):
+        images += _images(color, per_task, 1000 + t)
+        tasks += [t] * per_task
+    return zoo["processor"](images=images, return_tensors="pt")["pixel_values"], torch.tensor(tasks)
+
+
+def test_mean_pairwise_cosine_and_ranking():
+    a = torch.tensor([1.0, 0.0])
+    b = torch.tensor([0.0, 1.0])
+    c = torch.tensor([1.0, 1.0])
+    # pairs: (a,b)=0, (a,c)=(b,c)=1/sqrt(2)
+    assert mean_pairwise_cosine([a, b, c]) == pytest.approx(2 / np.sqrt(2) / 3)
+    assert mean_pairwise_cosine([a, a, 2 * a]) == pytest.approx(1.0)
+    sims = {0: 0.9, 1: 0.2, 2: 0.5, 3: 0.2}
+    assert least_similar(sims, 0) == []
+    assert least_similar(sims, 1) == [1]  # tie with layer 3: lower layer first
+    assert least_similar(sims, 3) == [1, 2, 3]
+
+
+def test_similarity_picks_the_blocks_that_differ(gated_model):
+    info = gated_model.merge_info
+    assert info["dynamic_blocks"] == {"attention": [1], "mlp": [1]}
+    sims = info["block_similarity"]
+    assert sims["attention"]["1"] < sims["attention"]["0"]
+    assert sims["mlp"]["1"] < sims["mlp"]["0"]
+
+
+def test_dynamic_tensor_counts():
+    adapter = ViTAdapter.from_config(_vit_config(3))
+    none = dynamic_keys(adapter, {"attention": [], "mlp": []})
+    every = dynamic_keys(adapter, {"attention": [0, 1], "mlp": [0, 1]})
+    static_patch = dynamic_keys(adapter, {"attention": [], "mlp": []}, patch_embedding=False)
+    norms = 2 * 2 * LAYERS + 2  # ln_before, ln_after (weight, bias) per block + final LayerNorm
+    assert len(none) == 4 + norms  # cls, pos, patch weight and bias
+    assert len(static_patch) == 2 + norms
+    assert len(every) == len(none) + LAYERS * (8 + 4)  # q,k,v,o and fc1,fc2 (weight, bias)
+    assert set(every) == set(adapter.backbone_keys)
+    assert resolve_m("all", 12) == 12 and resolve_m(None, 12) == 5
+    with pytest.raises(ValueError, match="`m`"):
+        resolve_m(13, 12)
+
+
+def test_gate_learns_tasks(zoo):
+    pixels, tasks = _pixels(zoo, per_task=30)
+    split = [pixels[tasks == t] for t in range(2)]
+    gate, metrics = train_gate(split, list(TASKS), trainer={"num_train_epochs": 3}, seed=0, quiet=True)
+    assert metrics["gate_validation_samples"] == 6
+    assert metrics["gate_validation_accuracy"] == 1.0
+    test_pixels, test_tasks = _pixels(zoo)
+    with torch.no_grad():
+        assert (gate(test_pixels).logits.argmax(-1) == test_tasks).all()
+
+
+def test_trainer_arguments_are_validated(tmp_path):
+    args = trainer_arguments(
+        str(tmp_path), seed=3, device="cpu", quiet=True, overrides={"learning_rate": 0.01}
+    )
+    assert args.learning_rate == 0.01 and args.seed == 3 and args.use_cpu
+    with pytest.raises(ValueError, match="learn_rate"):
+        trainer_arguments(str(tmp_path), seed=0, device="cpu", quiet=True, overrides={"learn_rate": 0.1})
+
+
+def test_merge_info_and_storage(gated_model):
+    info = gated_model.merge_info
+    assert info["gate_validation_accuracy"] == 1.0
+    assert info["num_dynamic_tensors"] == len(gated_model.config.dynamic_keys)
+    assert 0 < info["storage_ratio"] < 1
+    assert info["num_parameters"] == sum(p.numel() for p in gated_model.parameters())
+    assert gated_model.config.id2label == dict(enumerate(["a", "b", "c", "x", "y"]))
+
+
+@pytest.mark.parametrize("granularity", ["sample", "hard"])
+def test_mixed_batch_equals_one_task_at_a_time(gated_model, zoo, granularity):
+    gated_model.config.granularity = granularity
+    pixels, tasks = _pixels(zoo)
+    perm = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(0))
+    pixels, tasks = pixels[perm], tasks[perm]
+    with torch.no_grad():
+        mixed = gated_model(pixel_values=pixels)
+        assert (mixed.predicted_task == tasks).all()
+        for t in range(2):
+            alone = gated_model(pixel_values=pixels[tasks == t])
+            torch.testing.assert_close(mixed.logits[tasks == t], alone.logits, atol=1e-5, rtol=0)
+            for i in torch.nonzero(tasks == t).flatten()[:2]:
+                one = gated_model(pixel_values=pixels[i : i + 1])
+                torch.testing.assert_close(mixed.logits[i : i + 1], one.logits, atol=1e-5, rtol=0)
+    gated_model.config.granularity = "sample"
+
+
+def test_batch_granularity_mixes_a_mixed_batch(gated_model, zoo):
+    """The released per-batch mode is wrong on mixed batches, which is why it is not the default."""
+    pixels, tasks = _pixels(zoo)
+    gated_model.config.granularity = "batch"
+    with torch.no_grad():
+        out = gated_model(pixel_values=pixels)
+    gated_model.config.granularity = "sample"
+    assert out.predicted_task.unique().numel() == 1
+
+
+def test_all_dynamic_with_known_task_reproduces_each_model(zoo):
+    from transformers import ViTForImageClassification
+
+    model = merge(_config(zoo, m="all", granularity="hard"), quiet=True)
+    assert model.merge_info["num_dynamic_tensors"] == len(model.merge_context.adapter.backbone_keys)
+    pixels, _ = _pixels(zoo)
+    offset = 0
+    for t, entry in enumerate(zoo["models"]):
+        original = ViTForImageClassification.from_pretrained(entry["model"]).eval()
+        with torch.no_grad():
+            expected = torch.log_softmax(original(pixel_values=pixels).logits, -1)
+            got = model(pixel_values=pixels, task=t).logits
+        n = expected.shape[1]
+        torch.testing.assert_close(got[:, offset : offset + n], expected, atol=1e-5, rtol=0)
+        assert torch.isinf(got[:, :offset]).all() and torch.isinf(got[:, offset + n :]).all()
+        offset += n
+
+
+def test_m0_stores_less_than_m_all(zoo, gated_model):
+    m0 = merge(_config(zoo, m=0, static_method="average"), quiet=True)
+    assert m0.merge_info["dynamic_blocks"] == {"attention": [], "mlp": []}
+    assert m0.merge_info["num_parameters"] < gated_model.merge_info["num_parameters"]
+
+
+def test_save_load_round_trip(gated_model, zoo, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    gated_model.save_pretrained(tmp_path / "gated")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "gated").eval()
+    assert type(loaded).__name__ == "GatedMergedViTForImageClassification"
+    pixels, _ = _pixels(zoo)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(pixel_values=pixels).logits, gated_model(pixel_values=pixels).logits
+        )
+
+
+def test_trust_remote_code_without_hf_vitmerge(gated_model, zoo, tmp_path):
+    folder = tmp_path / "remote"
+    gated_model.save_pretrained(folder)
+    pixels, _ = _pixels(zoo)
+    with torch.no_grad():
+        expected = gated_model(pixel_values=pixels)
+    torch.save(
+        {"pixels": pixels, "logits": expected.logits, "tasks": expected.predicted_task}, tmp_path / "io.pt"
+    )
+    assert json.loads((folder / "config.json").read_text())["auto_map"]
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForImageClassification
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        model = AutoModelForImageClassification.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            out = model(pixel_values=io["pixels"])
+        torch.testing.assert_close(out.logits, io["logits"])
+        assert torch.equal(out.predicted_task, io["tasks"])
+        assert not any(name.startswith("hf_vitmerge") for name in sys.modules), "hf_vitmerge was imported"
+        print("OK", type(model).__module__)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK" in done.stdout
+
+
+def test_reuse_trained_gate(gated_model, zoo, tmp_path):
+    gated_model.gate.save_pretrained(tmp_path / "gate")
+    again = merge(_config(zoo, m=1, gate=str(tmp_path / "gate")), quiet=True)
+    assert "gate_train_loss" not in again.merge_info
+    pixels, _ = _pixels(zoo)
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixel_values=pixels).logits, gated_model(pixel_values=pixels).logits)
