@@ -1,0 +1,227 @@
+"""Peak memory and time of streaming merges (average, TIES) over N ViT checkpoints.
+
+Each measurement runs in a fresh subprocess that reports its own peak RSS (``VmHWM`` from
+/proc/self/status: unlike ``ru_maxrss`` it is not inherited from the parent across fork/exec)
+and the peaks of anonymous and file-backed resident memory (sampled every 5 ms), so
+page-cache pages of memory-mapped inputs can be told apart from real allocations. Beside the
+merges it measures the I/O floor: reading every input tensor once (the same streaming reader
+the engine uses) and writing one model.
+
+Inputs: ``--zoo DIR`` (a suite built with ``hf-vitmerge zoo build SUITE --size base``) or, by
+default, N random ViT-B/16 checkpoints with a shared base (base + small noise, as fine-tunes
+are) generated into ``--workdir``.
+
+    python benchmarks/memory.py --size base --n 2,4,8 --methods average,ties
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SIZES = {
+    "tiny": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+    ),
+    "base": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+    ),
+}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class _Sampler:
+    """Peaks of RssAnon / RssFile of this process, sampled every 5 ms."""
+
+    def __init__(self) -> None:
+        self.anon = self.file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(0.005)
+
+    def sample(self) -> None:
+        self.anon = max(self.anon, _status_kb("RssAnon"))
+        self.file = max(self.file, _status_kb("RssFile"))
+
+    def __enter__(self) -> _Sampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def generate(workdir: Path, n: int, size: str, seed: int = 0) -> tuple[Path, list[Path]]:
+    """A random ViT base and ``n`` perturbed copies (noise 1e-3), saved as safetensors folders."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(**SIZES[size], num_labels=10)
+    base_dir = workdir / "base"
+    if not (base_dir / "model.safetensors").is_file():
+        ViTForImageClassification(config).save_pretrained(base_dir)
+    base = ViTForImageClassification.from_pretrained(base_dir)
+    paths = []
+    for i in range(n):
+        folder = workdir / f"model{i}"
+        paths.append(folder)
+        if (folder / "model.safetensors").is_file():
+            continue
+        g = torch.Generator().manual_seed(seed + 1 + i)
+        model = ViTForImageClassification(config)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), base.parameters(), strict=True):
+                p.copy_(q + 1e-3 * torch.randn(q.shape, generator=g))
+        model.save_pretrained(folder)
+        del model
+    return base_dir, paths
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measurement in this (fresh) process; prints a JSON line."""
+    import torch
+
+    torch.set_num_threads(2)
+    import hf_vitmerge as hv
+    from hf_vitmerge.loading import resolve_model
+
+    models = args.models.split(",")
+    baseline_kb = _status_kb("VmHWM")
+    out = Path(args.out)
+    start = time.perf_counter()
+    with _Sampler() as mem:
+        if args.task == "io":
+            from safetensors.torch import save_file
+
+            sources = [resolve_model(m) for m in [args.base, *models]]
+            readers = [s.tensors() for s in sources]
+            keep = {}
+            for key in sources[0].adapter.keys:
+                tensors = [r.get(key) for r in readers]
+                keep[key] = tensors[-1]
+                del tensors
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(keep, str(out / "model.safetensors"))
+        else:
+            model = hv.merge(models, args.task, base_model=args.base, quiet=True)
+            model.save_pretrained(out)
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "seconds": round(seconds, 2),
+                "peak_rss_mb": round(_status_kb("VmHWM") / 1024, 1),
+                "rss_after_imports_mb": round(baseline_kb / 1024, 1),
+                "peak_anon_mb": round(mem.anon / 1024, 1),
+                "peak_file_mb": round(mem.file / 1024, 1),
+            }
+        )
+    )
+
+
+def measure(task: str, base: Path, models: list[Path], out: Path) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        task,
+        "--base",
+        str(base),
+        "--models",
+        ",".join(map(str, models)),
+        "--out",
+        str(out),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{task} failed:\n{res.stderr[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="base", choices=sorted(SIZES))
+    parser.add_argument("--n", default="2,4,8", help="comma-separated numbers of models")
+    parser.add_argument("--methods", default="average,ties")
+    parser.add_argument(
+        "--zoo", default=None, help="a suite folder with base/ and models/ (else random checkpoints)"
+    )
+    parser.add_argument("--workdir", default="/tmp/hf_vitmerge_membench")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--models", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.task = args.child
+        child(args)
+        return
+    counts = [int(x) for x in args.n.split(",")]
+    workdir = Path(args.workdir)
+    if args.zoo:
+        zoo = Path(args.zoo)
+        base, all_models = zoo / "base", sorted((zoo / "models").iterdir())
+        source = f"zoo suite {zoo}"
+    else:
+        base, all_models = generate(workdir, max(counts), args.size)
+        source = f"{max(counts)} random ViT ({args.size}) checkpoints = base + N(0, 1e-3) noise, in {workdir}"
+    model_mb = round((base / "model.safetensors").stat().st_size / 2**20, 1)
+    rows = []
+    for n in counts:
+        models = all_models[:n]
+        if len(models) < n:
+            raise SystemExit(f"only {len(models)} models available, asked for {n}")
+        for task in ["io", *args.methods.split(",")]:
+            r = measure(task, base, models, workdir / f"out-{task}-{n}")
+            rows.append({"task": "read inputs + write one model" if task == "io" else task, "n": n, **r})
+            print(json.dumps(rows[-1]), flush=True)
+    report = {"source": source, "model_mb": model_mb, "command": " ".join(sys.argv), "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"\nOne input checkpoint: {model_mb} MB ({source})\n")
+    print("| task | N | seconds | peak RSS MB | after imports MB | peak anon MB | peak file-backed MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['task']} | {r['n']} | {r['seconds']} | {r['peak_rss_mb']} | {r['rss_after_imports_mb']} "
+            f"| {r['peak_anon_mb']} | {r['peak_file_mb']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
