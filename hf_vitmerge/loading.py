@@ -82,7 +82,7 @@ class TensorReader:
     def __init__(self, source: ModelSource):
         self.source = source
         self._where: dict[str, tuple[Path, str]] = {}
-        self._handles: dict[Path, object] = {}
+        self._bins: dict[Path, dict] = {}  # .bin checkpoints, memory-mapped
         for file in source.weight_files():
             for key in _file_keys(file, source.ref):
                 canon = source.adapter.canonical_key(key)
@@ -96,20 +96,21 @@ class TensorReader:
         return key in self._where
 
     def get(self, key: str) -> torch.Tensor:
+        """Read one tensor. safetensors files are opened per call, so pages read for earlier tensors
+        are not kept mapped (peak memory stays near one tensor per input, whatever the input count)."""
         try:
             file, file_key = self._where[key]
         except KeyError:
             raise ModelLoadError(f"model {self.source.ref!r} has no tensor {key!r} in its weights") from None
         if file.suffix == ".safetensors":
-            if file not in self._handles:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            return self._handles[file].get_tensor(file_key)
-        if file not in self._handles:
-            self._handles[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        return self._handles[file][file_key]
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(file_key)
+        if file not in self._bins:
+            self._bins[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return self._bins[file][file_key].clone()
 
     def close(self) -> None:
-        self._handles.clear()
+        self._bins.clear()
 
 
 def _weight_files(path: Path, ref: str) -> list[Path]:

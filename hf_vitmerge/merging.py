@@ -280,7 +280,7 @@ def assemble(ctx: MergeContext, result: MergeResult) -> torch.nn.Module:
             task_names=ctx.task_names,
             task_num_labels=[len(x) for x in ctx.label_lists],
         )
-        model = ViTMultiHeadForImageClassification(config)
+        model = _empty_model(ViTMultiHeadForImageClassification, config)
         backbone_adapter = ViTAdapter.from_model(model)
         backbone_adapter.load_state_dict(model, result.backbone)
         with torch.no_grad():
@@ -289,7 +289,7 @@ def assemble(ctx: MergeContext, result: MergeResult) -> torch.nn.Module:
                 lin.bias.copy_(b)
         return model
     config = ViTConfig(**cfg, id2label=id2label, label2id=label2id)
-    model = ViTForImageClassification(config)
+    model = _empty_model(ViTForImageClassification, config)
     if mode == "union":
         head = (torch.cat([h[0] for h in result.heads]), torch.cat([h[1] for h in result.heads]))
     adapter = ViTAdapter.from_model(model)
@@ -297,6 +297,13 @@ def assemble(ctx: MergeContext, result: MergeResult) -> torch.nn.Module:
     tensors[adapter.key("classifier", "weight")], tensors[adapter.key("classifier", "bias")] = head
     adapter.load_state_dict(model, tensors)
     return model
+
+
+def _empty_model(cls, config) -> torch.nn.Module:
+    """Instantiate without random initialisation (every tensor is overwritten by the merge)."""
+    with torch.device("meta"):
+        model = cls(config)
+    return model.to_empty(device="cpu")
 
 
 def merge(
