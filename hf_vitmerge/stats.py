@@ -1,0 +1,616 @@
+"""Streaming activation statistics for alignment merging (ZipIt!, MuDSC, permutation) and RegMean.
+
+Statistics are float64 running sums — ``count``, ``sum`` of features and ``outer`` (sum of
+``f f^T``) — so no activation is ever kept beyond one batch, batches can be sharded over
+processes (the sums are all-reduced) and results can be cached on disk.
+
+Points (dict keys; ``i`` is the block index), all captured with hooks on modules obtained
+through :meth:`ViTAdapter.module`, so the transformers 4.x and 5.x layouts both work:
+
+* ``residual`` (alias ``classifier_in``): final-LayerNorm output of the CLS token, one vector per image;
+* ``residual_tokens``: final-LayerNorm output, every token;
+* ``qk.{i}``: outputs of q and of k, every token; q rows and k rows are both samples of the same features;
+* ``vo.{i}``: input of the attention output projection (heads * head_dim order), every token;
+* ``mlp.{i}``: input of fc2 (post-activation MLP hidden), every token;
+* ``attn_in.{i}``: input of q/k/v (output of ln1), every token;
+* ``fc1_in.{i}``: input of fc1 (output of ln2), every token.
+
+:func:`collect_joint_stats` runs N models on the same images and accumulates the
+*concatenation* of their features (``D = N * d``, model order), which gives the cross-model
+correlations the alignment methods match on. :func:`collect_model_stats` runs one model on its
+own data (RegMean Grams).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ViTAdapter
+from .data import TaskData
+
+_CACHE_VERSION = 1
+_TINY_STD = 1e-12
+# point kind -> (module role, hook type, parts per model); "out" hooks read the module output
+_KINDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "qk": (("q", "out"), ("k", "out")),
+    "vo": (("o", "in"),),
+    "mlp": (("fc2", "in"),),
+    "attn_in": (("q", "in"),),
+    "fc1_in": (("fc1", "in"),),
+}
+_GLOBAL_POINTS = ("residual", "residual_tokens", "classifier_in")
+POINT_KINDS = ("residual", "residual_tokens", *_KINDS)
+
+
+@dataclass
+class FeatureStats:
+    """Streaming float64 first and second moments of ``D`` features (no activations kept)."""
+
+    count: int
+    sum: torch.Tensor  # [D] float64
+    outer: torch.Tensor  # [D, D] float64, sum of f f^T
+
+    @classmethod
+    def zeros(cls, dim: int, device: str | torch.device = "cpu") -> FeatureStats:
+        return cls(
+            0,
+            torch.zeros(dim, dtype=torch.float64, device=device),
+            torch.zeros(dim, dim, dtype=torch.float64, device=device),
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.sum.shape[0]
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add a ``[n, D]`` block of feature vectors (cast to float64 before the product)."""
+        f = features.reshape(-1, self.dim).to(torch.float64)
+        self.count += f.shape[0]
+        self.sum.add_(f.sum(0))
+        self.outer.addmm_(f.T, f)
+
+    def _require_samples(self) -> None:
+        if self.count == 0:
+            raise ValueError("these statistics hold no samples (count is 0)")
+
+    def mean(self) -> torch.Tensor:
+        self._require_samples()
+        return self.sum / self.count
+
+    def covariance(self) -> torch.Tensor:
+        """``E[f f^T] - E[f] E[f]^T`` (population covariance, float64, exactly symmetric)."""
+        mu = self.mean()
+        cov = self.outer / self.count - torch.outer(mu, mu)
+        return (cov + cov.T) / 2
+
+    def std(self) -> torch.Tensor:
+        return self.covariance().diagonal().clamp_min(0).sqrt()
+
+    def valid(self) -> torch.Tensor:
+        """``[D]`` bool: features whose standard deviation is above a tiny threshold."""
+        std = self.std()
+        scale = std.max() if std.numel() else std.new_tensor(0.0)
+        return std > max(_TINY_STD, 1e-9 * float(scale))
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson correlation; a zero-variance feature has correlation 0 with every other
+        feature (not a division by eps) and 1 with itself."""
+        cov = self.covariance()
+        std = cov.diagonal().clamp_min(0).sqrt()
+        ok = self.valid()
+        inv = torch.where(ok, 1.0 / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(std))
+        corr = (cov * inv[:, None] * inv[None, :]).clamp_(-1.0, 1.0)
+        corr.diagonal().fill_(1.0)
+        return corr
+
+    def gram(self, normalize: bool = True) -> torch.Tensor:
+        """``sum f f^T``, divided by ``count`` when ``normalize`` (RegMean's input Gram)."""
+        if normalize:
+            self._require_samples()
+            return self.outer / self.count
+        return self.outer.clone()
+
+    def block(self, index: int, num_models: int) -> FeatureStats:
+        """The statistics of model ``index`` alone, out of joint statistics of ``num_models``."""
+        if self.dim % num_models:
+            raise ValueError(f"{self.dim} features cannot be split into {num_models} models")
+        d = self.dim // num_models
+        sl = slice(index * d, (index + 1) * d)
+        return FeatureStats(self.count, self.sum[sl].clone(), self.outer[sl, sl].clone())
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        if not isinstance(other, FeatureStats):
+            return NotImplemented
+        if other.dim != self.dim:
+            raise ValueError(f"cannot add statistics of {self.dim} and {other.dim} features")
+        return FeatureStats(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
+
+    def to(self, device: str | torch.device) -> FeatureStats:
+        return FeatureStats(self.count, self.sum.to(device), self.outer.to(device))
+
+
+# ------------------------------------------------------------------------------------ points
+def statistics_points(
+    adapter: ViTAdapter, kinds: Sequence[str] = ("residual", "qk", "vo", "mlp")
+) -> list[str]:
+    """Point names for ``kinds``: global points first, then per block in block order."""
+    bad = [k for k in kinds if k not in POINT_KINDS and k != "classifier_in"]
+    if bad:
+        raise ValueError(f"unknown statistics point kind(s) {bad}; valid kinds: {', '.join(POINT_KINDS)}")
+    out = [k for k in kinds if k in _GLOBAL_POINTS]
+    for i in range(adapter.spec.num_layers):
+        out += [f"{k}.{i}" for k in kinds if k in _KINDS]
+    return out
+
+
+def _parse_point(point: str, adapter: ViTAdapter) -> tuple[str, int | None, int]:
+    """(kind, layer, feature size of one model)."""
+    s = adapter.spec
+    if point in ("residual", "classifier_in", "residual_tokens"):
+        return point, None, s.hidden_size
+    kind, _, idx = point.partition(".")
+    if kind not in _KINDS or not idx.isdigit():
+        raise ValueError(
+            f"unknown statistics point {point!r}; use residual, residual_tokens, classifier_in or "
+            f"<kind>.<block> with kind in {', '.join(_KINDS)}"
+        )
+    layer = int(idx)
+    if layer >= s.num_layers:
+        raise ValueError(f"point {point!r}: the model has only {s.num_layers} blocks")
+    return kind, layer, s.intermediate_size if kind == "mlp" else s.hidden_size
+
+
+def _syrk_lower_(outer: torch.Tensor, f: torch.Tensor) -> bool:
+    """``outer += f^T f`` on CPU with BLAS ``dsyrk`` (half the FLOPs of a GEMM), updating only the
+    lower triangle of the row-major ``outer``. Returns False when the tensors do not allow it."""
+    if (
+        outer.dtype != torch.float64
+        or f.dtype != torch.float64
+        or not (outer.is_contiguous() and f.is_contiguous())
+    ):
+        return False
+    import numpy as np
+    from scipy.linalg import blas
+
+    c = outer.numpy().T  # column-major view of the same memory: its upper triangle is outer's lower
+    res = blas.dsyrk(1.0, f.numpy().T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+    if not np.shares_memory(res, c):
+        outer.copy_(torch.from_numpy(np.ascontiguousarray(res.T)))
+    return True
+
+
+def _blas_threads():
+    """Let the BLAS used by :func:`_syrk_lower_` use as many threads as torch does."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
+class _Collector:
+    """Hooks on N models; a point is accumulated when the last model has produced it."""
+
+    def __init__(self, models, adapters, points, device):
+        self.n = len(models)
+        self.points = list(points)
+        self.stats: dict[str, FeatureStats] = {}
+        self.parts: dict[str, int] = {}
+        self.buffers: dict[str, list[list[torch.Tensor]]] = {}
+        self.handles = []
+        self.triangular: set[str] = set()  # points whose outer holds only its lower triangle
+        for point in self.points:
+            kind, layer, d = _parse_point(point, adapters[0])
+            self.stats[point] = FeatureStats.zeros(self.n * d, device)
+            self.buffers[point] = [[] for _ in range(self.n)]
+            if kind in _GLOBAL_POINTS:
+                cls_only = kind != "residual_tokens"
+                for m, (model, adapter) in enumerate(zip(models, adapters, strict=True)):
+                    mod = adapter.module(model, "final_ln")
+                    self.handles.append(mod.register_forward_hook(self._out_hook(point, m, cls_only)))
+                self.parts[point] = 1
+                continue
+            hooks = _KINDS[kind]
+            self.parts[point] = len(hooks)
+            for m, (model, adapter) in enumerate(zip(models, adapters, strict=True)):
+                for role, where in hooks:
+                    mod = adapter.module(model, role, layer)
+                    if where == "out":
+                        self.handles.append(mod.register_forward_hook(self._out_hook(point, m, False)))
+                    else:
+                        self.handles.append(mod.register_forward_pre_hook(self._in_hook(point, m)))
+
+    def _out_hook(self, point: str, m: int, cls_only: bool):
+        def hook(_module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            self._add(point, m, out[:, 0] if cls_only else out)
+
+        return hook
+
+    def _in_hook(self, point: str, m: int):
+        def hook(_module, inputs):
+            self._add(point, m, inputs[0])
+
+        return hook
+
+    def _add(self, point: str, m: int, features: torch.Tensor) -> None:
+        buf = self.buffers[point]
+        buf[m].append(features.detach().reshape(-1, features.shape[-1]))
+        if m == self.n - 1 and len(buf[m]) == self.parts[point]:
+            self._flush(point)
+
+    def _flush(self, point: str) -> None:
+        buf = self.buffers[point]
+        per_model = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in buf]
+        rows = {p.shape[0] for p in per_model}
+        if len(rows) != 1:
+            raise RuntimeError(f"point {point!r}: models produced different numbers of samples {rows}")
+        st = self.stats[point]
+        if self.n == 1:
+            joint = per_model[0].to(torch.float64)
+        else:
+            d = per_model[0].shape[1]
+            joint = torch.empty(rows.pop(), self.n * d, dtype=torch.float64, device=st.sum.device)
+            for m, p in enumerate(per_model):
+                joint[:, m * d : (m + 1) * d].copy_(p)
+        self.buffers[point] = [[] for _ in range(self.n)]
+        st.count += joint.shape[0]
+        st.sum.add_(joint.sum(0))
+        if joint.is_cuda or not _syrk_lower_(st.outer, joint):
+            st.outer.addmm_(joint.T, joint)
+            return
+        self.triangular.add(point)
+
+    def finalize(self) -> dict[str, FeatureStats]:
+        """Complete the outer products accumulated as one triangle (see :func:`_syrk_lower_`)."""
+        for point in self.triangular:
+            outer = self.stats[point].outer
+            lower = outer.tril()
+            outer.copy_(lower + lower.tril(-1).T)
+        self.triangular.clear()
+        return self.stats
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# ------------------------------------------------------------------------------------ distribution
+def _dist_info(accelerator) -> tuple[int, int]:
+    if accelerator is not None:
+        return accelerator.process_index, accelerator.num_processes
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(stats: dict[str, FeatureStats], accelerator, world: int) -> None:
+    if world == 1:
+        return
+    for st in stats.values():
+        count = torch.tensor([float(st.count)], dtype=torch.float64, device=st.sum.device)
+        for t in (count, st.sum, st.outer):
+            if accelerator is not None:
+                t.copy_(accelerator.reduce(t, reduction="sum"))
+            else:
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        st.count = int(round(float(count.item())))
+
+
+# ------------------------------------------------------------------------------------ data
+def _images(data: TaskData, start: int, stop: int) -> list:
+    rows = data.dataset[start:stop]
+    return [img.convert("RGB") if hasattr(img, "convert") else img for img in rows[data.image_column]]
+
+
+def _processor_id(processor) -> str:
+    to_json = getattr(processor, "to_json_string", None)
+    return to_json() if callable(to_json) else repr(processor)
+
+
+def _batch_plan(data: Sequence[TaskData], batch_size: int) -> list[tuple[int, int, int]]:
+    """(task, start, stop) per batch; batches do not cross tasks."""
+    plan = []
+    for t, d in enumerate(data):
+        plan += [(t, s, min(s + batch_size, len(d))) for s in range(0, len(d), batch_size)]
+    return plan
+
+
+def _autocast(device: str, mixed_precision: str):
+    if mixed_precision in (None, "no"):
+        return contextlib.nullcontext()
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if mixed_precision not in dtypes:
+        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=dtypes[mixed_precision])
+
+
+def _run(
+    models: Sequence[nn.Module],
+    data: Sequence[TaskData],
+    processors: Sequence,
+    plan: list[tuple[int, int, int]],
+    *,
+    device: str,
+    mixed_precision: str,
+    desc: str,
+    quiet: bool,
+) -> int:
+    """Forward every model on every batch of ``plan`` (each with its own processor); returns images seen."""
+    groups: dict[str, list[int]] = {}
+    for m, proc in enumerate(processors):
+        groups.setdefault(_processor_id(proc), []).append(m)
+    seen = 0
+    with torch.inference_mode(), _autocast(device, mixed_precision):
+        for t, start, stop in tqdm(plan, desc=desc, disable=quiet, unit="batch"):
+            images = _images(data[t], start, stop)
+            pixels: dict[int, torch.Tensor] = {}
+            for members in groups.values():
+                px = processors[members[0]](images=images, return_tensors="pt")["pixel_values"].to(device)
+                pixels.update(dict.fromkeys(members, px))
+            for m, model in enumerate(models):
+                model(pixel_values=pixels[m])
+            seen += stop - start
+    return seen
+
+
+# ------------------------------------------------------------------------------------ cache
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter and buffer (used as the model identity when no cache key is given)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def source_cache_key(source) -> str:
+    """Identity of a :class:`~hf_vitmerge.loading.ModelSource` for the statistics cache: the
+    commit SHA for Hub models, else the folder and each weight file's size and mtime."""
+    if getattr(source, "commit", None):
+        return f"{source.ref}@{source.commit}"
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.weight_files()]
+    return f"{Path(source.path).resolve()}:{files}"
+
+
+def _data_fingerprint(data: TaskData) -> str:
+    fp = getattr(data.dataset, "_fingerprint", None)
+    return str(fp) if fp else f"{data.source}:{data.split}:{len(data)}:{data.image_column}"
+
+
+def _cache_file(cache_dir, mode, cache_key, models, data, processors, points, mixed_precision) -> Path | None:
+    if cache_dir is None:
+        return None
+    identity = cache_key if cache_key is not None else [model_fingerprint(m) for m in models]
+    payload = {
+        "version": _CACHE_VERSION,
+        "mode": mode,
+        "models": identity,
+        "num_models": len(models),
+        "points": list(points),
+        "data": [(_data_fingerprint(d), len(d)) for d in data],
+        "processors": [_processor_id(p) for p in processors],
+        "mixed_precision": mixed_precision or "no",
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return Path(cache_dir) / f"stats-{mode}-{digest}.safetensors"
+
+
+def save_stats(stats: dict[str, FeatureStats], path: str | os.PathLike) -> None:
+    """Write statistics as float64 safetensors (atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, counts = {}, {}
+    for point, st in stats.items():
+        tensors[f"{point}/sum"] = st.sum.detach().cpu().contiguous()
+        tensors[f"{point}/outer"] = st.outer.detach().cpu().contiguous()
+        counts[point] = st.count
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"counts": json.dumps(counts), "order": json.dumps(list(stats))})
+    os.replace(tmp, path)
+
+
+def load_stats(path: str | os.PathLike) -> dict[str, FeatureStats]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        counts = json.loads(meta["counts"])
+        return {
+            p: FeatureStats(counts[p], f.get_tensor(f"{p}/sum"), f.get_tensor(f"{p}/outer"))
+            for p in json.loads(meta["order"])
+        }
+
+
+# ------------------------------------------------------------------------------------ public API
+def _collect(
+    mode: str,
+    models: Sequence[nn.Module],
+    data: Sequence[TaskData],
+    processors: Sequence,
+    points: Sequence[str],
+    *,
+    batch_size: int,
+    device: str,
+    mixed_precision: str,
+    accelerator,
+    cache_dir,
+    cache_key: str | None,
+    quiet: bool,
+) -> dict[str, FeatureStats]:
+    if not models:
+        raise ValueError("statistics need at least one model")
+    if len(processors) != len(models):
+        raise ValueError(f"got {len(processors)} image processors for {len(models)} models")
+    if not points:
+        raise ValueError("no statistics points requested")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(set(points)) != len(points):
+        raise ValueError(f"statistics points are repeated: {list(points)}")
+    if any(len(d) == 0 for d in data) or not data:
+        raise ValueError("statistics need non-empty calibration data")
+    if accelerator is not None:
+        device = str(accelerator.device)
+    adapters = [ViTAdapter.from_model(m) for m in models]
+    from .arch import check_compatible
+
+    check_compatible({f"model {i}": a for i, a in enumerate(adapters)})
+    for p in points:
+        _parse_point(p, adapters[0])
+    rank, world = _dist_info(accelerator)
+    path = _cache_file(cache_dir, mode, cache_key, models, data, processors, points, mixed_precision)
+    if path is not None and path.is_file():
+        return load_stats(path)
+
+    originals = [next(m.parameters()).device for m in models]
+    training = [m.training for m in models]
+    for m in models:
+        m.to(device).eval()
+    collector = _Collector(models, adapters, points, device)
+    plan = _batch_plan(data, batch_size)[rank::world]
+    try:
+        with _blas_threads():
+            _run(
+                models,
+                data,
+                processors,
+                plan,
+                device=device,
+                mixed_precision=mixed_precision,
+                desc=f"statistics ({mode})",
+                quiet=quiet or rank != 0,
+            )
+    finally:
+        collector.remove()
+        for m, dev, tr in zip(models, originals, training, strict=True):
+            m.to(dev).train(tr)
+    stats = collector.finalize()
+    _all_reduce(stats, accelerator, world)
+    stats = {p: st.to("cpu") for p, st in stats.items()}
+    if path is not None and rank == 0:
+        save_stats(stats, path)
+    return stats
+
+
+def collect_joint_stats(
+    models: list[nn.Module],
+    data: list[TaskData],
+    processors: list,
+    points: list[str],
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+    mixed_precision: str = "no",
+    accelerator=None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_key: str | None = None,
+    quiet: bool = False,
+) -> dict[str, FeatureStats]:
+    """Statistics of the concatenated features of all models on the same images.
+
+    Every model sees every image of every task in ``data`` (each preprocessed by the model's
+    own processor); per point the features of the N models are concatenated (``D = N * d``,
+    model order), so ``stats[p].correlation()`` holds the cross-model correlations.
+
+    With an ``accelerate.Accelerator`` or an initialised process group, each process takes a
+    strided share of the batches and the float64 sums are all-reduced, so every process ends
+    with the same totals. With ``cache_dir``, results are stored keyed by ``cache_key`` (the
+    models' identity; a hash of their weights when None), the points, the data fingerprints,
+    the processors and the precision; a second call loads them without running the models.
+    """
+    return _collect(
+        "joint",
+        list(models),
+        list(data),
+        list(processors),
+        list(points),
+        batch_size=batch_size,
+        device=device,
+        mixed_precision=mixed_precision,
+        accelerator=accelerator,
+        cache_dir=cache_dir,
+        cache_key=cache_key,
+        quiet=quiet,
+    )
+
+
+def collect_model_stats(
+    model: nn.Module, data: TaskData, processor, points: list[str], **kwargs
+) -> dict[str, FeatureStats]:
+    """Statistics of one model on its own data (e.g. RegMean Grams); same keywords as
+    :func:`collect_joint_stats`."""
+    return _collect("model", [model], [data], [processor], list(points), **_defaults(kwargs))
+
+
+def _defaults(kwargs: dict) -> dict:
+    allowed = {
+        "batch_size": 32,
+        "device": "cpu",
+        "mixed_precision": "no",
+        "accelerator": None,
+        "cache_dir": None,
+        "cache_key": None,
+        "quiet": False,
+    }
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"unexpected keyword(s) {unknown}; valid: {', '.join(allowed)}")
+    return {**allowed, **kwargs}
+
+
+def benchmark_throughput(
+    models: Sequence[nn.Module],
+    data: Sequence[TaskData],
+    processors: Sequence,
+    points: Sequence[str],
+    batch_size: int = 32,
+    *,
+    device: str = "cpu",
+    mixed_precision: str = "no",
+    repeats: int = 1,
+) -> dict[str, float]:
+    """Images per second of plain inference vs statistics collection on the same pipeline.
+
+    Both runs use the same batching, preprocessing and forward passes; the statistics run adds
+    the hooks and float64 accumulation (no cache). Each is run ``repeats`` times, interleaved,
+    after one warm-up batch, and the best time is kept.
+    """
+    data, models, processors = list(data), list(models), list(processors)
+    adapters = [ViTAdapter.from_model(m) for m in models]
+    for m in models:
+        m.to(device).eval()
+    plan = _batch_plan(data, batch_size)
+    kw = dict(device=device, mixed_precision=mixed_precision, desc="bench", quiet=True)
+    _run(models, data, processors, plan[:1], **kw)
+
+    def timed(with_stats: bool) -> float:
+        collector = _Collector(models, adapters, points, device) if with_stats else None
+        start = time.perf_counter()
+        with _blas_threads():
+            n = _run(models, data, processors, plan, **kw)
+        if collector is not None:
+            collector.finalize()
+            collector.remove()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - start)
+
+    runs = [(timed(False), timed(True)) for _ in range(repeats)]  # interleaved: load changes hit both
+    plain, stats = max(r[0] for r in runs), max(r[1] for r in runs)
+    return {"inference_images_per_s": plain, "stats_images_per_s": stats, "ratio": stats / plain}
