@@ -1,0 +1,88 @@
+"""End to end on the embedded zoo (tiny): the acceptance flows of the README, CLI included.
+
+Slow (each suite trains on this machine), still run in CI. Suites are built once per session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_vitmerge.cli import main
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def zoo_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+def _suite(zoo_root: Path, name: str) -> Path:
+    from hf_vitmerge.zoo import build_suite
+
+    return Path(build_suite(name, zoo_root / "zoo" / name, size="tiny", seed=0, quiet=True))
+
+
+def test_digits_domains_bench(zoo_root):
+    suite = _suite(zoo_root, "digits-domains")
+    out = zoo_root / "dd.json"
+    assert main(["bench", str(suite), "--methods", "average,task_arithmetic", "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["reference"]["individual"]["avg_task_accuracy"] >= 0.90
+    avg = next(r for r in report["results"] if r["method"] == "average")
+    # merging domains of one base is neither trivial nor hopeless
+    assert 0.3 <= avg["normalized_accuracy"] <= 0.95
+    assert avg["joint_accuracy"] is None  # shared label space
+
+
+def test_digits_split_evaluate_individual(zoo_root):
+    suite = _suite(zoo_root, "digits-split")
+    meta = json.loads(suite.read_text())
+    first = meta["tasks"][0]
+    out = zoo_root / "ev.json"
+    assert main(["evaluate", str(suite.parent / first["model"]), "--suite", str(suite), "--json", str(out),
+                 "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    assert res["per_task_accuracy"][first["name"]] >= 0.90
+    assert res["per_task_accuracy"][meta["tasks"][1]["name"]] is None
+    assert 0.3 < res["joint_accuracy"] < 0.7  # one model knows only half of the union's labels
+
+
+def test_demo_writes_a_loadable_model(zoo_root, monkeypatch):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    monkeypatch.setenv("HF_VITMERGE_CACHE", str(zoo_root / "cache"))
+    out = zoo_root / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    model_dir = out / "merged-model"
+    model = AutoModelForImageClassification.from_pretrained(model_dir)
+    proc = AutoImageProcessor.from_pretrained(model_dir)
+    from PIL import Image
+
+    pixels = proc(images=[Image.new("RGB", (16, 16), "white")], return_tensors="pt")["pixel_values"]
+    assert model(pixel_values=pixels).logits.shape == (1, model.config.num_labels)
+    results = json.loads((out / "results.json").read_text())
+    assert results["results"][0]["normalized_accuracy"] > 0.3
+    assert (model_dir / "README.md").read_text().count("base_model_relation: merge") == 1
+    assert (out / "results.md").is_file()
+    assert main(["demo", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
+
+
+def test_shapes_tasks_example_configs(zoo_root, monkeypatch):
+    _suite(zoo_root, "shapes-tasks")
+    monkeypatch.chdir(zoo_root)  # the examples expect the zoo at ./zoo/<suite>
+    out = zoo_root / "ties"
+    assert main(["merge", str(REPO / "examples" / "shapes-tasks-ties.yaml"), "--out", str(out), "--quiet"]) == 0
+    assert main(["merge", str(REPO / "examples" / "shapes-tasks-ties.yaml"), "--out", str(out), "--quiet"]) == 2
+    ev = zoo_root / "ties.json"
+    assert main(["evaluate", str(out), "--suite", "zoo/shapes-tasks/suite.json", "--json", str(ev), "--quiet"]) == 0
+    res = json.loads(ev.read_text())
+    assert len(res["per_task_accuracy"]) >= 10 and all(v is not None for v in res["per_task_accuracy"].values())
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md").data
+    assert card.base_model_relation == "merge" and len(card.base_model) >= 11
