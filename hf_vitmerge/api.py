@@ -109,8 +109,15 @@ def run_merge(
     if updates:
         config = config.model_copy(update=updates)
     out = check_output_dir(out_dir, overwrite)
-    ctx = prepare(config, quiet=quiet)
+    state = _distributed_state()
+    ctx = prepare(config, quiet=quiet or (state is not None and not state.is_main_process))
     model, info = execute(ctx)
+    if state is not None:
+        # Launched with `accelerate launch` / `torchrun`: every process took its shard of the
+        # activation statistics; only the main process evaluates, saves and pushes.
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return MergeRun(path=out, model=model, info=info, context=ctx)
     results = None
     if config.evaluation_suite:
         from .evaluation import evaluate_model
@@ -130,6 +137,15 @@ def run_merge(
 
         run.push_url = push_folder(out, push_to_hub, private=private)
     return run
+
+
+def _distributed_state():
+    """An ``accelerate`` process state when launched on several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 # ----------------------------------------------------------------------------- suites -> configs

@@ -144,3 +144,66 @@ def test_bench_json_and_markdown(tmp_path, micro_suite):
         assert set(r["per_task_accuracy"]) == {"task0", "task1", "task2"}
     assert set(report["reference"]) == {"individual", "ensemble"}
     assert "| average |" in md.read_text()
+
+
+def test_merge_launched_on_two_processes(tmp_path, micro_suite):
+    """`torchrun --nproc_per_node 2 hf-vitmerge merge ...`: statistics are sharded, one process saves."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = micro_suite.parent
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "method": "permute",
+                "models": [
+                    {
+                        "model": str(root / "models" / f"task{i}"),
+                        "task": f"task{i}",
+                        "data": {"path": str(root / "data" / f"task{i}" / "train")},
+                    }
+                    for i in range(2)
+                ],
+                "calibration": {"samples_per_task": 16, "batch_size": 4},
+            }
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    dist = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "hf_vitmerge.cli",
+        "merge",
+        str(cfg),
+        "--out",
+        str(tmp_path / "two"),
+        "--quiet",
+    ]
+    res = subprocess.run(dist, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = [
+        sys.executable,
+        "-m",
+        "hf_vitmerge.cli",
+        "merge",
+        str(cfg),
+        "--out",
+        str(tmp_path / "one"),
+        "--quiet",
+    ]
+    res = subprocess.run(single, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two, one = (load_file(tmp_path / d / "model.safetensors") for d in ("two", "one"))
+    assert two.keys() == one.keys()
+    for key in one:
+        assert (two[key] - one[key]).abs().max() <= 1e-5, key
+    assert (tmp_path / "two" / "README.md").is_file()
