@@ -1,0 +1,159 @@
+"""The embedded benchmark zoo: suites of real ``ViTForImageClassification`` models trained on this machine.
+
+Data comes from scikit-learn's bundled digits and from images drawn with PIL; nothing is downloaded.
+
+    from hf_vitmerge.zoo import build_suite, list_suites
+    suite_json = build_suite("digits-domains", size="tiny", seed=0)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import digits, shapes
+from .builder import SIZES, ZOO_VERSION, SizeSpec, SuiteSpec, build, default_out
+from .train import ArchSpec, TrainSpec
+
+__all__ = [
+    "ArchSpec",
+    "SIZES",
+    "SUITES",
+    "ZOO_VERSION",
+    "SizeSpec",
+    "SuiteSpec",
+    "TrainSpec",
+    "build_suite",
+    "list_suites",
+]
+
+#: Domains of ``digits-domains`` (see :data:`hf_vitmerge.zoo.digits.DOMAINS`).
+DIGIT_DOMAINS = ["inverted", "rotated", "mirrored", "shifted", "noisy"]
+
+
+def _digit_groups(width: int) -> list[list[int]]:
+    return [list(range(i, i + width)) for i in range(0, 10, width)]
+
+
+def _scratch(steps: int, batch: int, lr: float) -> TrainSpec:
+    return TrainSpec(steps=steps, batch_size=batch, lr=lr, max_shift=1)
+
+
+_SCRATCH = {"tiny": _scratch(300, 64, 2e-3), "small": _scratch(500, 64, 1e-3), "base": _scratch(2, 8, 1e-4)}
+
+SUITES: dict[str, SuiteSpec] = {
+    s.name: s
+    for s in (
+        SuiteSpec(
+            name="digits-split",
+            init="independent",
+            family="digits",
+            description="2 differently initialised models: digits 0-4 and digits 5-9 (disjoint label spaces)",
+            num_tasks=2,
+            tasks=lambda size, arch, seed: digits.label_split_tasks(_digit_groups(5), arch.image_size, seed),
+            recipes=_SCRATCH,
+            design="scikit-learn's 8x8 digits, upscaled (bilinear) to the model's image size, white on black, "
+            "split 75/25 (stratified, seeded). Each model sees only its own five digits and is trained from "
+            "its own random initialisation. Label index is the position of the digit within the task.",
+        ),
+        SuiteSpec(
+            name="digits-split5",
+            init="independent",
+            family="digits",
+            description="5 differently initialised models, 2 digits each (disjoint label spaces)",
+            num_tasks=5,
+            tasks=lambda size, arch, seed: digits.label_split_tasks(_digit_groups(2), arch.image_size, seed),
+            recipes=_SCRATCH,
+            design="As `digits-split`, with five tasks of two digits each.",
+        ),
+        SuiteSpec(
+            name="digits-domains",
+            init="shared",
+            family="digits",
+            description=f"{len(DIGIT_DOMAINS)} domains of all 10 digits ({', '.join(DIGIT_DOMAINS)}), "
+            "fine-tuned from one base",
+            num_tasks=len(DIGIT_DOMAINS),
+            tasks=lambda size, arch, seed: digits.domain_tasks(DIGIT_DOMAINS, arch.image_size, seed),
+            pretrain=lambda size, arch, seed: digits.original_digits(arch.image_size, seed),
+            recipes={
+                "tiny": TrainSpec(400, 64, 1e-3),
+                "small": TrainSpec(500, 64, 5e-4),
+                "base": TrainSpec(2, 8, 1e-4),
+            },
+            pretrain_recipes={
+                "tiny": TrainSpec(500, 64, 2e-3, max_shift=1),
+                "small": TrainSpec(800, 64, 1e-3, max_shift=1),
+                "base": TrainSpec(2, 8, 1e-4, max_shift=1),
+            },
+            design="The base is pretrained on the *original* digits (upscaled, white on black, random shifts "
+            "of 1 px) over the 10 digit labels: the upstream data, like ImageNet for Hub ViTs. Each domain "
+            "applies one transform to the same 75/25 split: inverted (255 - x), rotated 90 degrees, mirrored "
+            "left-right, shifted (shrunk to 3/4 and moved to the bottom-right corner), noisy (strong "
+            "Gaussian noise on gray). The geometric domains need contradicting spatial features, so plain "
+            "averaging of the fine-tuned models is clearly below the individual models. Every domain model "
+            "is fine-tuned from the whole base, classifier included, since the label space is the same.",
+        ),
+        SuiteSpec(
+            name="shapes-tasks",
+            init="shared",
+            family="shapes",
+            description=f"{len(shapes.SHAPE_TASKS)} tasks with their own label spaces on drawn images "
+            "(kind, colour, count, size, orientation, fill, position, background, texture, ...), "
+            "fine-tuned from one base",
+            num_tasks=len(shapes.SHAPE_TASKS),
+            tasks=lambda size, arch, seed: shapes.shape_tasks(
+                arch.image_size, size.shapes_train, size.shapes_test, seed
+            ),
+            pretrain=lambda size, arch, seed: shapes.source_mixture(
+                arch.image_size, max(1, size.shapes_train // 2), seed
+            ),
+            recipes={
+                "tiny": TrainSpec(200, 64, 1e-3),
+                "small": TrainSpec(400, 64, 5e-4),
+                "base": TrainSpec(2, 8, 1e-4),
+            },
+            pretrain_recipes={
+                "tiny": TrainSpec(250, 64, 2e-3),
+                "small": TrainSpec(800, 64, 1e-3),
+                "base": TrainSpec(2, 8, 1e-4),
+            },
+            design="Images are drawn with PIL.ImageDraw at 4x and box-downsampled; every task has its own "
+            "generator (own style, seeded per task and split) and its own label names. The base is pretrained "
+            "on a mixture of images from every generator with the *generator* as label (which task drew this "
+            "image?), which needs generic colour/shape/layout features but none of the tasks' labels. Each "
+            "task model gets a new, seeded classifier for its labels and fine-tunes the whole network.",
+        ),
+    )
+}
+
+
+def list_suites() -> list[dict]:
+    """The registered suites: ``name``, ``init``, ``num_tasks`` and ``description`` of each."""
+    return [
+        {"name": s.name, "init": s.init, "num_tasks": s.num_tasks, "description": s.description}
+        for s in SUITES.values()
+    ]
+
+
+def build_suite(
+    name: str,
+    out: str | os.PathLike | None = None,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Build suite ``name`` at ``size`` into ``out`` (default: the cache) and return its ``suite.json``.
+
+    Deterministic for a given seed, and cached: when ``out`` already holds a finished build of the same
+    suite, size, seed and zoo version, nothing is rebuilt. If ``out`` holds anything else,
+    ``FileExistsError`` is raised unless ``overwrite`` is true. Raises ``ValueError`` for an unknown
+    suite or size.
+    """
+    if name not in SUITES:
+        raise ValueError(f"unknown zoo suite {name!r}; choose one of: {', '.join(SUITES)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown zoo size {size!r}; choose one of: {', '.join(SIZES)}")
+    target = default_out(name, size, seed) if out is None else Path(out)
+    return build(SUITES[name], SIZES[size], target, int(seed), quiet, overwrite)

@@ -1,0 +1,420 @@
+"""Building a suite on disk: data folders, training, model folders, suite.json, README, cache.
+
+A build is written into a temporary sibling folder and moved into place with ``os.replace`` at the
+end, so an interrupted build never leaves a half suite. ``build_info.json`` holds the fingerprint
+(suite, size, seed, zoo version) that makes a rebuild of the same thing a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from .data import TaskData
+from .train import (
+    ArchSpec,
+    TrainSpec,
+    accuracy,
+    derive_seed,
+    deterministic_torch,
+    new_model,
+    processor_pixels,
+    reset_head,
+    seed_everything,
+    train_classifier,
+)
+
+#: Bumped whenever a change to the zoo changes what a build produces (invalidates caches).
+ZOO_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """One zoo size: the architecture per data family and the data budget."""
+
+    name: str
+    archs: dict[str, ArchSpec]  # "digits" / "shapes" -> architecture
+    shapes_train: int  # drawn images per shapes task (train)
+    shapes_test: int
+    pixel_limit: int | None = None  # train/evaluate on the first N images only (base size: speed figures)
+    note: str = ""
+
+
+_VIT_B16 = ArchSpec(224, 16, 768, 12, 12, 3072)
+
+SIZES: dict[str, SizeSpec] = {
+    "tiny": SizeSpec(
+        "tiny",
+        {"digits": ArchSpec(16, 4, 64, 3, 4, 128), "shapes": ArchSpec(24, 4, 64, 3, 4, 128)},
+        shapes_train=600,
+        shapes_test=300,
+        note="CI-sized: builds in a few minutes on 2 CPU cores.",
+    ),
+    "small": SizeSpec(
+        "small",
+        {"digits": ArchSpec(32, 4, 128, 6, 4, 256), "shapes": ArchSpec(32, 4, 128, 6, 4, 256)},
+        shapes_train=1500,
+        shapes_test=400,
+        note="Benchmark-sized.",
+    ),
+    "base": SizeSpec(
+        "base",
+        {"digits": _VIT_B16, "shapes": _VIT_B16},
+        shapes_train=64,
+        shapes_test=32,
+        pixel_limit=32,
+        note=(
+            "ViT-B/16 shapes for speed and memory figures ONLY: the models are trained for a handful of "
+            "steps on a few images, so their accuracies are MEANINGLESS."
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """A registered suite: how to make its data and how to train its models at each size."""
+
+    name: str
+    init: str  # "independent" or "shared"
+    family: str  # key into SizeSpec.archs
+    description: str
+    num_tasks: int
+    tasks: Callable[[SizeSpec, ArchSpec, int], list[TaskData]]
+    recipes: dict[str, TrainSpec]  # size -> recipe of the task models
+    pretrain: Callable[[SizeSpec, ArchSpec, int], TaskData] | None = None
+    pretrain_recipes: dict[str, TrainSpec] = field(default_factory=dict)
+    design: str = ""  # a paragraph for the README: why the suite is built the way it is
+
+
+@dataclass
+class _Trained:
+    name: str
+    accuracy: float
+    samples: int
+    seconds: float
+    init: str
+
+
+def default_out(suite: str, size: str, seed: int) -> Path:
+    """``$HF_VITMERGE_CACHE`` (or ``~/.cache/hf_vitmerge``) ``/zoo/<suite>-<size>-seed<seed>``."""
+    root = os.environ.get("HF_VITMERGE_CACHE") or Path.home() / ".cache" / "hf_vitmerge"
+    return Path(root) / "zoo" / f"{suite}-{size}-seed{seed}"
+
+
+def fingerprint(suite: str, size: str, seed: int) -> dict:
+    """What identifies a build: equal fingerprints mean equal model files."""
+    return {"suite": suite, "size": size, "seed": int(seed), "zoo_version": ZOO_VERSION}
+
+
+def _existing_build(out: Path, fp: dict, overwrite: bool) -> Path | None:
+    """The suite.json of a finished identical build in ``out``; raise if ``out`` holds something else."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        if overwrite:
+            return None
+        raise FileExistsError(f"{out} exists and is not a folder; remove it or choose another output folder.")
+    info = out / "build_info.json"
+    if info.is_file() and (out / "suite.json").is_file():
+        try:
+            found = json.loads(info.read_text()).get("fingerprint")
+        except json.JSONDecodeError:
+            found = None
+        if found == fp:
+            return out / "suite.json"
+        what = f"a different zoo build ({found})" if found else "an unreadable zoo build"
+    elif any(out.iterdir()):
+        what = "files that are not a zoo build"
+    else:
+        return None
+    if overwrite:
+        return None
+    raise FileExistsError(
+        f"{out} already holds {what}, not {fp}. Pass overwrite=True (CLI: --overwrite) to replace it, "
+        "or choose another output folder."
+    )
+
+
+def _pixels(arch: ArchSpec, images: list, labels: list[int], limit: int | None) -> tuple[torch.Tensor, ...]:
+    n = len(images) if limit is None else min(limit, len(images))
+    return processor_pixels(arch.processor(), images[:n]), torch.tensor(labels[:n], dtype=torch.long)
+
+
+def _model_card(suite: SuiteSpec, size: SizeSpec, seed: int, task: TaskData, result: _Trained) -> str:
+    labels = ", ".join(f"`{x}`" for x in task.labels)
+    return f"""---
+library_name: transformers
+pipeline_tag: image-classification
+tags:
+- hf_vitmerge
+- hf_vitmerge-zoo
+- {suite.name}
+---
+
+# {suite.name} / {task.name} ({size.name}, seed {seed})
+
+A `ViTForImageClassification` of the hf_vitmerge benchmark zoo, suite `{suite.name}`
+({suite.init} initialisation), trained on this machine by `hf-vitmerge zoo build`.
+
+- Task: {task.description}
+- Labels: {labels}
+- Initialisation: {result.init}
+- Test accuracy (own test split, {result.samples} images): {result.accuracy:.4f}
+{"- " + size.note if size.note else ""}
+
+Load with `AutoModelForImageClassification.from_pretrained` and `AutoImageProcessor.from_pretrained`.
+The suite's README.md describes the data, architecture and training recipe.
+"""
+
+
+def _readme(
+    suite: SuiteSpec,
+    size: SizeSpec,
+    seed: int,
+    arch: ArchSpec,
+    tasks: list[TaskData],
+    results: list[_Trained],
+    base: _Trained | None,
+    seconds: float,
+) -> str:
+    rows = "\n".join(
+        f"| `{t.name}` | {len(t.labels)} | {len(t.train_images)} / {len(t.test_images)} | {t.description} | "
+        f"{r.accuracy:.4f} |"
+        for t, r in zip(tasks, results, strict=True)
+    )
+    mean = sum(r.accuracy for r in results) / len(results)
+    recipe = suite.recipes[size.name]
+    lines = [
+        f"# hf_vitmerge zoo suite `{suite.name}` (size `{size.name}`, seed {seed})",
+        "",
+        suite.description + ".",
+        "",
+        f"**Size note.** {size.note}" if size.note else "",
+        "",
+        "## How it was made",
+        "",
+        suite.design,
+        "",
+        f"- Initialisation: `{suite.init}`"
+        + (
+            " (each task model from its own random initialisation, seeded from the suite seed and task index)"
+            if suite.init == "independent"
+            else " (every task model fine-tuned from `base/`)"
+        ),
+        f"- Architecture (all models, labels aside): `ViTForImageClassification`, {json.dumps(asdict(arch))}, "
+        "GELU, qkv bias, no dropout.",
+        "- Preprocessing: the saved `ViTImageProcessor` (resize to the stored size, i.e. a no-op; rescale 1/255; "
+        "normalise with mean 0.5 and std 0.5). Training used the processor's own outputs, loaded back "
+        "with `AutoImageProcessor`, so training and evaluation inputs are identical.",
+        f"- Task-model recipe: AdamW, {recipe.steps} steps of batch {recipe.batch_size}, lr {recipe.lr}, "
+        f"weight decay {recipe.weight_decay}, {int(recipe.warmup_fraction * 100)}% linear warm-up then cosine "
+        f"decay, gradient clipping 1.0"
+        + (f", random shifts of up to {recipe.max_shift} px" if recipe.max_shift else "")
+        + ".",
+    ]
+    if base is not None:
+        pre = suite.pretrain_recipes[size.name]
+        lines.append(
+            f"- Base pretraining: AdamW, {pre.steps} steps of batch {pre.batch_size}, lr {pre.lr}"
+            + (f", random shifts of up to {pre.max_shift} px" if pre.max_shift else "")
+            + f"; accuracy on its held-out pretraining data: {base.accuracy:.4f} ({base.samples} images)."
+        )
+    if size.pixel_limit is not None:
+        lines.append(
+            f"- Data budget: models were trained and evaluated on the first {size.pixel_limit} images of each split only."
+        )
+    lines += [
+        f"- Seeds: suite seed {seed}; every other seed (splits, drawings, initialisations, batch order) is derived "
+        "from it. The build is deterministic: the same suite, size and seed give byte-identical `model.safetensors`.",
+        "",
+        "## Tasks and individual accuracies",
+        "",
+        "| task | labels | train / test images | data | test accuracy |",
+        "|---|---|---|---|---|",
+        rows,
+        "",
+        f"Mean individual accuracy: **{mean:.4f}**. Build time: {seconds:.0f} s "
+        f"(torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()}).",
+        "",
+        "## Layout",
+        "",
+        "`suite.json` (hf_vitmerge INTERFACES.md section 2), "
+        + ("`base/` (the shared base model), " if base is not None else "")
+        + "`models/<task>/` (Hugging Face model folders), `data/<task>/{train,test}` (`datasets.save_to_disk`, "
+        "columns `image` and `label`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _save_model(model, arch: ArchSpec, folder: Path, card: str | None = None) -> None:
+    model.save_pretrained(folder)
+    arch.processor().save_pretrained(folder)
+    if card is not None:
+        (folder / "README.md").write_text(card)
+
+
+def _build_into(tmp: Path, suite: SuiteSpec, size: SizeSpec, seed: int, quiet: bool) -> None:
+    """Make the whole suite inside ``tmp`` (which exists and is empty)."""
+    start = time.perf_counter()
+    arch = size.archs[suite.family]
+    seed_everything(seed)
+    tasks = suite.tasks(size, arch, seed)
+    bar = tqdm(total=len(tasks) + (suite.init == "shared"), desc=f"{suite.name} ({size.name})", disable=quiet)
+    base_model, base_result = None, None
+    if suite.init == "shared":
+        assert suite.pretrain is not None
+        data = suite.pretrain(size, arch, seed)
+        x, y = _pixels(arch, data.train_images, data.train_labels, size.pixel_limit)
+        xt, yt = _pixels(arch, data.test_images, data.test_labels, size.pixel_limit)
+        t0 = time.perf_counter()
+        base_model = new_model(arch, data.labels, derive_seed(seed, suite.name, "base"))
+        train_classifier(
+            base_model,
+            x,
+            y,
+            suite.pretrain_recipes[size.name],
+            derive_seed(seed, "pretrain"),
+            desc="base",
+            quiet=quiet,
+        )
+        base_result = _Trained(
+            "base", accuracy(base_model, xt, yt), len(yt), time.perf_counter() - t0, "random"
+        )
+        _save_model(base_model, arch, tmp / "base")
+        bar.update()
+    results = []
+    for k, task in enumerate(tasks):
+        task.save(tmp / "data" / task.name)
+        x, y = _pixels(arch, task.train_images, task.train_labels, size.pixel_limit)
+        xt, yt = _pixels(arch, task.test_images, task.test_labels, size.pixel_limit)
+        t0 = time.perf_counter()
+        if base_model is None:
+            model = new_model(arch, task.labels, derive_seed(seed, suite.name, k, "init"))
+            init = f"random (seed {derive_seed(seed, suite.name, k, 'init')})"
+        else:
+            model = copy.deepcopy(base_model)
+            if list(base_model.config.id2label.values()) == list(task.labels):
+                init = "the suite's `base/` model, classifier included (same label space)"
+            else:
+                reset_head(model, task.labels, derive_seed(seed, suite.name, k, "head"))
+                init = "the suite's `base/` backbone with a new, seeded classifier for this task's labels"
+        train_classifier(
+            model,
+            x,
+            y,
+            suite.recipes[size.name],
+            derive_seed(seed, suite.name, k, "train"),
+            desc=task.name,
+            quiet=quiet,
+        )
+        result = _Trained(task.name, accuracy(model, xt, yt), len(yt), time.perf_counter() - t0, init)
+        results.append(result)
+        _save_model(model, arch, tmp / "models" / task.name, _model_card(suite, size, seed, task, result))
+        bar.set_postfix({task.name: f"{result.accuracy:.3f}"}, refresh=False)
+        bar.update()
+    bar.close()
+    suite_json = {
+        "name": suite.name,
+        "init": suite.init,
+        "base_model": "base" if base_model is not None else None,
+        "tasks": [
+            {
+                "name": t.name,
+                "model": f"models/{t.name}",
+                "labels": list(t.labels),
+                "train": f"data/{t.name}/train",
+                "test": f"data/{t.name}/test",
+                "image_column": "image",
+                "label_column": "label",
+                "individual_accuracy": round(r.accuracy, 6),
+                "individual_accuracy_samples": r.samples,
+            }
+            for t, r in zip(tasks, results, strict=True)
+        ],
+        "size": size.name,
+        "seed": int(seed),
+        "zoo_version": ZOO_VERSION,
+    }
+    (tmp / "suite.json").write_text(json.dumps(suite_json, indent=2) + "\n")
+    seconds = time.perf_counter() - start
+    (tmp / "README.md").write_text(_readme(suite, size, seed, arch, tasks, results, base_result, seconds))
+    info = {
+        "fingerprint": fingerprint(suite.name, size.name, seed),
+        "build_seconds": round(seconds, 1),
+        "base_accuracy": None if base_result is None else round(base_result.accuracy, 6),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _library_output_silenced():
+    """Silence the progress bars and warnings of ``datasets``/``transformers``: the zoo shows its own."""
+    import datasets
+
+    ds_bars = datasets.is_progress_bar_enabled()
+    tf_bars = transformers.utils.logging.is_progress_bar_enabled()
+    tf_level = transformers.utils.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(tf_level)
+        if tf_bars:
+            transformers.utils.logging.enable_progress_bar()
+        if ds_bars:
+            datasets.enable_progress_bars()
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete temporary build folders next to ``out`` left by killed builds (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # the process exists (another user's build)
+
+
+def build(suite: SuiteSpec, size: SizeSpec, out: Path, seed: int, quiet: bool, overwrite: bool) -> Path:
+    """Build ``suite`` at ``size`` into ``out`` (atomically, cached); returns ``out/suite.json``."""
+    fp = fingerprint(suite.name, size.name, seed)
+    done = _existing_build(out, fp, overwrite)
+    if done is not None:
+        return done
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with deterministic_torch(), _library_output_silenced():
+            _build_into(tmp, suite, size, seed, quiet)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "suite.json"
