@@ -108,7 +108,7 @@ SUITES: dict[str, SuiteSpec] = {
                 arch.image_size, max(1, size.shapes_train // 2), seed
             ),
             recipes={
-                "tiny": TrainSpec(200, 64, 1e-3),
+                "tiny": TrainSpec(400, 64, 2e-3),
                 "small": TrainSpec(400, 64, 5e-4),
                 "base": TrainSpec(2, 8, 1e-4),
             },

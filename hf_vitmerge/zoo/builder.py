@@ -37,7 +37,7 @@ from .train import (
 )
 
 #: Bumped whenever a change to the zoo changes what a build produces (invalidates caches).
-ZOO_VERSION = "1"
+ZOO_VERSION = "2"
 
 
 @dataclass(frozen=True)
