@@ -241,9 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        import datasets
+        import huggingface_hub
+        import transformers
+
+        os.environ["TQDM_DISABLE"] = "1"
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
     try:
         return _run(args)
     except KeyboardInterrupt:
