@@ -129,7 +129,7 @@ def run_merge(
             device=config.device,
             quiet=quiet,
         )
-        results = {"method": config.method, "params": config.parameters, **results}
+        results = {"method": config.method, "params": _effective_params(config), **results}
     save_atomically(out, lambda tmp: save_merged_model(ctx, model, info, results, tmp), overwrite)
     run = MergeRun(path=out, model=model, info=info, results=results, context=ctx)
     if push_to_hub:
@@ -286,7 +286,7 @@ def bench(
         report["results"].append(
             {
                 "method": name,
-                "params": ctx.config.parameters,
+                "params": _effective_params(ctx.config),
                 **{
                     k: scores[k]
                     for k in (
@@ -309,6 +309,15 @@ def bench(
     return report
 
 
+def _effective_params(config: MergeConfig) -> dict:
+    """The method's parameters with its defaults filled in (what the merge really used)."""
+    from .methods import get_method
+
+    if config.groups or config.method == "per_group":
+        return dict(config.parameters)
+    return get_method(config.method).validate_params(config.parameters)
+
+
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -316,8 +325,8 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+def _fmt(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
 def results_markdown(report: dict) -> str:
@@ -352,7 +361,7 @@ def results_markdown(report: dict) -> str:
                 *[_fmt(r["per_task_accuracy"].get(t)) for t in tasks],
                 _fmt(r["merge_seconds"]),
                 _fmt(r["stats_seconds"]),
-                _fmt(r["peak_rss_mb"]),
+                _fmt(r["peak_rss_mb"], 0),
             ]
         )
     lines = [
