@@ -269,7 +269,37 @@ def build_model_card(
         plot=plot_path,
         config_yaml=config.to_yaml(),
         load_snippet=_load_snippet(info, info.get("repo_id") or "PATH_OR_REPO_ID"),
+        training_note=info.get("training_note")
+        or "No training was involved: the weights were combined directly.",
+        details=_details(info),
     )
+
+
+_NOT_DETAILS = {
+    "merge_seconds",
+    "stats_seconds",
+    "auto_map",
+    "architecture",
+    "model_name",
+    "repo_id",
+    "training_note",
+}
+
+
+def _details(info: dict) -> dict[str, str]:
+    """Method facts worth showing (dynamic blocks, gate accuracy, storage, per-group methods, ...)."""
+    out = {}
+    for key, value in info.items():
+        if key in _NOT_DETAILS or value is None:
+            continue
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, (dict, list, tuple)):
+            value = json.dumps(value, default=str)
+            if len(value) > 300:
+                value = value[:297] + "..."
+        out[key] = str(value).replace("|", "\\|")
+    return out
 
 
 def write_model_card(

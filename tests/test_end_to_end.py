@@ -18,19 +18,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def zoo_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("e2e")
+    """A session folder whose hf_vitmerge cache holds the tiny suites (the demo reuses them)."""
+    root = tmp_path_factory.mktemp("e2e")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_VITMERGE_CACHE", str(root / "cache"))
+    yield root
+    mp.undo()
 
 
 def _suite(zoo_root: Path, name: str) -> Path:
+    """Build (once) into the cache and expose it as ./zoo/<name>, where the examples expect it."""
     from hf_vitmerge.zoo import build_suite
 
-    return Path(build_suite(name, zoo_root / "zoo" / name, size="tiny", seed=0, quiet=True))
+    suite = Path(build_suite(name, size="tiny", seed=0, quiet=True))
+    link = zoo_root / "zoo" / name
+    if not link.exists():
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(suite.parent, target_is_directory=True)
+    return link / "suite.json"
 
 
 def test_digits_domains_bench(zoo_root):
     suite = _suite(zoo_root, "digits-domains")
     out = zoo_root / "dd.json"
-    assert main(["bench", str(suite), "--methods", "average,task_arithmetic", "--json", str(out), "--quiet"]) == 0
+    assert (
+        main(["bench", str(suite), "--methods", "average,task_arithmetic", "--json", str(out), "--quiet"])
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["reference"]["individual"]["avg_task_accuracy"] >= 0.90
     avg = next(r for r in report["results"] if r["method"] == "average")
@@ -44,18 +58,30 @@ def test_digits_split_evaluate_individual(zoo_root):
     meta = json.loads(suite.read_text())
     first = meta["tasks"][0]
     out = zoo_root / "ev.json"
-    assert main(["evaluate", str(suite.parent / first["model"]), "--suite", str(suite), "--json", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(suite.parent / first["model"]),
+                "--suite",
+                str(suite),
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["per_task_accuracy"][first["name"]] >= 0.90
     assert res["per_task_accuracy"][meta["tasks"][1]["name"]] is None
     assert 0.3 < res["joint_accuracy"] < 0.7  # one model knows only half of the union's labels
 
 
-def test_demo_writes_a_loadable_model(zoo_root, monkeypatch):
+def test_demo_writes_a_loadable_model(zoo_root):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    monkeypatch.setenv("HF_VITMERGE_CACHE", str(zoo_root / "cache"))
+    _suite(zoo_root, "digits-domains")
     out = zoo_root / "demo"
     assert main(["demo", "--out", str(out), "--quiet"]) == 0
     model_dir = out / "merged-model"
@@ -76,12 +102,21 @@ def test_shapes_tasks_example_configs(zoo_root, monkeypatch):
     _suite(zoo_root, "shapes-tasks")
     monkeypatch.chdir(zoo_root)  # the examples expect the zoo at ./zoo/<suite>
     out = zoo_root / "ties"
-    assert main(["merge", str(REPO / "examples" / "shapes-tasks-ties.yaml"), "--out", str(out), "--quiet"]) == 0
-    assert main(["merge", str(REPO / "examples" / "shapes-tasks-ties.yaml"), "--out", str(out), "--quiet"]) == 2
+    assert (
+        main(["merge", str(REPO / "examples" / "shapes-tasks-ties.yaml"), "--out", str(out), "--quiet"]) == 0
+    )
+    assert (
+        main(["merge", str(REPO / "examples" / "shapes-tasks-ties.yaml"), "--out", str(out), "--quiet"]) == 2
+    )
     ev = zoo_root / "ties.json"
-    assert main(["evaluate", str(out), "--suite", "zoo/shapes-tasks/suite.json", "--json", str(ev), "--quiet"]) == 0
+    assert (
+        main(["evaluate", str(out), "--suite", "zoo/shapes-tasks/suite.json", "--json", str(ev), "--quiet"])
+        == 0
+    )
     res = json.loads(ev.read_text())
-    assert len(res["per_task_accuracy"]) >= 10 and all(v is not None for v in res["per_task_accuracy"].values())
+    assert len(res["per_task_accuracy"]) >= 10 and all(
+        v is not None for v in res["per_task_accuracy"].values()
+    )
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(out / "README.md").data

@@ -177,7 +177,10 @@ def gated(
 
     stats_start = time.perf_counter()
     stats_before = ctx.timings.get("stats_seconds", 0.0)
-    info: dict = {}
+    info: dict = {
+        "training_note": "Only the task gate was trained (on unlabeled training images, task id as label); "
+        "the ViT weights were combined directly."
+    }
     if gate is not None:
         gate_model = load_gate(gate, ctx.task_names)
         info["gate"] = str(gate)
