@@ -5,9 +5,9 @@ them every input model keeps its own tail: an explicit residual unmerge (a ``d x
 map from the merged residual basis back to that model's basis, ZipIt!'s ``SpaceInterceptor``),
 its remaining blocks, its own final LayerNorm and its own classifier.
 
-This file is self-contained (it imports only torch and transformers) because it is copied
-into every saved model folder, so the model loads with ``trust_remote_code=True`` where
-hf_vitmerge is not installed.
+This file imports only torch, transformers and its sibling ``multihead.py``; ``save_pretrained``
+copies both into every saved model folder, so the model loads with ``trust_remote_code=True``
+where hf_vitmerge is not installed.
 
 ``logits`` hold per-task log-probabilities over the union of labels in ``config.id2label``
 order: each tail's logits go through their own softmax and the joint prediction is the argmax
@@ -17,13 +17,12 @@ output fields; ``task`` (an int or a ``[batch]`` tensor) restricts the predictio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel, ViTConfig
-from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTLayer
+
+from .multihead import MultiTaskImageClassifierOutput, joint_logits
 
 
 class ViTPartialZipConfig(ViTConfig):
@@ -34,26 +33,6 @@ class ViTPartialZipConfig(ViTConfig):
         self.stop_block = int(self.num_hidden_layers if stop_block is None else stop_block)
         self.task_names = list(task_names or [])
         self.task_num_labels = [int(n) for n in (task_num_labels or [])]
-
-
-@dataclass
-class PartialZipImageClassifierOutput(ImageClassifierOutput):
-    """``logits`` over the union of labels, plus each task's own logits and the predicted task."""
-
-    task_logits: tuple[torch.Tensor, ...] | None = None
-    predicted_task: torch.Tensor | None = None
-
-
-def _joint_logits(task_logits, task=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task log-softmax, concatenated; entries of tasks other than ``task`` become -inf."""
-    logp = [torch.log_softmax(t.float(), dim=-1) for t in task_logits]
-    union = torch.cat(logp, dim=-1)
-    sizes = torch.tensor([t.shape[-1] for t in task_logits], device=union.device)
-    owner = torch.repeat_interleave(torch.arange(len(task_logits), device=union.device), sizes)
-    if task is not None:
-        task = torch.as_tensor(task, device=union.device).reshape(-1, 1)
-        union = union.masked_fill(owner.unsqueeze(0) != task, float("-inf"))
-    return union, owner[union.argmax(-1)]
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -125,10 +104,10 @@ class ViTPartialZipForImageClassification(PreTrainedModel):
         for layer in self.trunk.layers:
             hidden = _run_layer(layer, hidden)
         task_logits = tuple(tail(hidden) for tail in self.tails)
-        logits, predicted = _joint_logits(task_logits, task)
+        logits, predicted = joint_logits(task_logits, task)
         loss = None
         if labels is not None:
             loss = nn.functional.nll_loss(logits.masked_fill(torch.isinf(logits), -1e4), labels)
-        return PartialZipImageClassifierOutput(
+        return MultiTaskImageClassifierOutput(
             loss=loss, logits=logits, task_logits=task_logits, predicted_task=predicted
         )
