@@ -214,9 +214,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from .diagnostics import inspect_models
 
-        result = inspect_models(args.models, base=args.base, out_dir=args.out, topk=args.topk)
-        for name, path in (result.get("files") or {}).items():
-            print(f"{name}: {path}")
+        inspect_models(args.models, base=args.base, out_dir=args.out, topk=args.topk, quiet=args.quiet)
+        for name in ("metrics.json", "metrics.md", "heatmap.png"):
+            print(Path(args.out) / name)
         return 0
     raise AssertionError(args.command)
 
