@@ -32,6 +32,7 @@ class MergeRun:
     results: dict | None = None
     push_url: str | None = None
     context: MergeContext | None = field(default=None, repr=False)
+    main_process: bool = True  # False on the helper processes of a multi-process launch (nothing saved)
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -109,15 +110,16 @@ def run_merge(
     if updates:
         config = config.model_copy(update=updates)
     out = check_output_dir(out_dir, overwrite)
-    state = _distributed_state()
+    state = _distributed_state(config.device)
     ctx = prepare(config, quiet=quiet or (state is not None and not state.is_main_process))
     model, info = execute(ctx)
     if state is not None:
         # Launched with `accelerate launch` / `torchrun`: every process took its shard of the
         # activation statistics; only the main process evaluates, saves and pushes.
         state.wait_for_everyone()
+        info["statistics_processes"] = state.num_processes
         if not state.is_main_process:
-            return MergeRun(path=out, model=model, info=info, context=ctx)
+            return MergeRun(path=out, model=model, info=info, context=ctx, main_process=False)
     results = None
     if config.evaluation_suite:
         from .evaluation import evaluate_model
@@ -139,13 +141,22 @@ def run_merge(
     return run
 
 
-def _distributed_state():
-    """An ``accelerate`` process state when launched on several processes, else None."""
+def _distributed_state(device: str):
+    """An ``accelerate`` process state when launched on several processes, else None.
+
+    On CPU, accelerate needs ``cpu=True`` to set up its gloo process group (otherwise every
+    process would run alone and each would write the output)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState
 
-    return PartialState()
+    state = PartialState(cpu=not device.startswith("cuda"))
+    if state.num_processes <= 1:
+        raise RuntimeError(
+            "launched on several processes (WORLD_SIZE > 1) but accelerate found no process group; "
+            "launch with `accelerate launch` or `torchrun`"
+        )
+    return state
 
 
 # ----------------------------------------------------------------------------- suites -> configs

@@ -165,6 +165,8 @@ def _run(args: argparse.Namespace) -> int:
             evaluation_suite=args.evaluate,
             quiet=args.quiet,
         )
+        if not run.main_process:
+            return 0
         _say(args.quiet, f"merged model written to {run.path} (model card: {run.path}/README.md)")
         if run.results:
             print(
