@@ -311,6 +311,7 @@ def bench(
                 "stats_seconds": round(stats_s, 3),
                 "peak_rss_mb": mem.peak_mb,
                 "num_parameters": scores["num_parameters"],
+                "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
             }
         )
     if json_path:
