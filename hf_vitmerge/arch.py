@@ -175,7 +175,7 @@ class ViTAdapter:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, config, *, with_classifier: bool = True) -> ViTAdapter:
+    def from_config(cls, config, *, with_classifier: bool = True, has_pooler: bool = False) -> ViTAdapter:
         if getattr(config, "model_type", None) != "vit":
             raise IncompatibleModelError(
                 f"expected a ViT config (model_type 'vit'), got model_type {getattr(config, 'model_type', None)!r}"
@@ -184,6 +184,7 @@ class ViTAdapter:
             spec=ViTSpec.from_config(config),
             prefix="vit." if with_classifier else "",
             num_labels=config.num_labels if with_classifier else None,
+            has_pooler=has_pooler,
         )
 
     @classmethod

@@ -199,7 +199,11 @@ def resolve_model(
     archs = getattr(config, "architectures", None) or ["ViTForImageClassification"]
     with_classifier = "ViTModel" not in archs
     source = ModelSource(ref=ref_str, path=path, revision=revision, commit=commit, name=name, config=config)
-    source.adapter = ViTAdapter.from_config(config, with_classifier=with_classifier)
+    # a bare ViTModel backbone may carry a pooler (ViTModel's default); its checkpoint says so
+    has_pooler = not with_classifier and any(
+        k.startswith("pooler.") for f in _weight_files(path, ref_str) for k in _file_keys(f, ref_str)
+    )
+    source.adapter = ViTAdapter.from_config(config, with_classifier=with_classifier, has_pooler=has_pooler)
     _validate_weights(source)
     return source
 
@@ -208,10 +212,6 @@ def _validate_weights(source: ModelSource) -> None:
     adapter = source.adapter
     reader = TensorReader(source)
     missing = [k for k in adapter.keys if k not in reader]
-    if not adapter.prefix and any("pooler" in k for k in reader):
-        adapter.has_pooler = True
-        adapter.__post_init__()
-        missing = [k for k in adapter.keys if k not in reader]
     if missing:
         raise ModelLoadError(
             f"model {source.ref!r}: weights are missing {len(missing)} tensors required by its config "

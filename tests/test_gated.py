@@ -289,3 +289,13 @@ def test_reuse_trained_gate(gated_model, zoo, tmp_path):
     pixels, _ = _pixels(zoo)
     with torch.no_grad():
         torch.testing.assert_close(again(pixel_values=pixels).logits, gated_model(pixel_values=pixels).logits)
+
+
+def test_self_contained_layout_table_matches_the_adapter():
+    """modeling/gated.py is copied into model folders, so it carries its own copy of the 4.x -> 5.x
+    module names; it must agree with the architecture adapter's table."""
+    from hf_vitmerge.arch import _BLOCK_MODULES
+    from hf_vitmerge.modeling.gated import _V5_BLOCK_NAMES
+
+    renamed = {old: new for old, new in _BLOCK_MODULES.values() if old != new}
+    assert _V5_BLOCK_NAMES == renamed

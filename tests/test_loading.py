@@ -120,3 +120,15 @@ def test_missing_folder_and_local_revision(tmp_path):
     make_vit(tmp_path / "m")
     with pytest.raises(ModelLoadError, match="revision"):
         resolve_model(tmp_path / "m", revision="v2")
+
+
+@pytest.mark.parametrize("pooler", [True, False])
+def test_bare_backbone_with_and_without_pooler(tmp_path, pooler):
+    from conftest import tiny_config
+    from transformers import ViTModel
+
+    ViTModel(tiny_config(), add_pooling_layer=pooler).save_pretrained(tmp_path / "bb")
+    src = resolve_model(tmp_path / "bb")
+    assert src.adapter.prefix == "" and src.adapter.num_labels is None
+    assert src.adapter.has_pooler is pooler
+    assert set(src.adapter.keys) == set(src.tensors().keys())
