@@ -298,4 +298,4 @@ def test_self_contained_layout_table_matches_the_adapter():
     from hf_vitmerge.modeling.gated import _V5_BLOCK_NAMES
 
     renamed = {old: new for old, new in _BLOCK_MODULES.values() if old != new}
-    assert _V5_BLOCK_NAMES == renamed
+    assert renamed == _V5_BLOCK_NAMES
