@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,10 +94,23 @@ class MergeContext:
             self._data[cache_key] = data.subset(self.config.calibration.samples_per_task, seed=self.seed)
         return self._data[cache_key]
 
-    def run_tensorwise(self, spec: MethodSpec, params: dict, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Stream ``keys`` from every input's weight files through a tensorwise method."""
-        readers = [s.tensors() for s in self.sources]
-        base_reader = self.base.tensors() if self.base is not None else None
+    def run_tensorwise(
+        self, spec: MethodSpec, params: dict, keys: Sequence[str], sink: Callable | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Stream ``keys`` from every input's weight files through a tensorwise method.
+
+        Each tensor of every input is read once, in file order, straight into one reusable
+        ``[K, *shape]`` float32 buffer (:mod:`hf_vitmerge.streaming`), which the method receives
+        as a :class:`~hf_vitmerge.methods._stack.TensorStack` (a ``list[Tensor]``). Returns
+        ``{key: merged tensor}``; with ``sink``, each merged tensor is passed to ``sink(key, tensor)``
+        as soon as it is produced (and must be copied there: its memory may be reused) and the
+        returned dict is empty, so the merged tensors are never held twice.
+        """
+        from .methods._stack import TensorStack
+        from .streaming import StackBuffers, StreamReader, file_order
+
+        readers = [StreamReader(s) for s in self.sources]
+        base_reader = StreamReader(self.base) if self.base is not None else None
         weights = [m.weight for m in self.config.models]
         if (
             any(w is not None for w in weights)
@@ -106,20 +119,38 @@ class MergeContext:
         ):
             params = {**params, "weights": [1.0 if w is None else w for w in weights]}
         out: dict[str, torch.Tensor] = {}
-        for key in tqdm(keys, desc=f"{spec.name}", disable=self.quiet, unit="tensor"):
-            tensors = [r.get(key).to(torch.float32) for r in readers]
-            base = None
-            if base_reader is not None and key in base_reader:
-                base = base_reader.get(key).to(torch.float32)
-                if base.shape != tensors[0].shape:
+        buffers = StackBuffers(len(readers))
+        ordered = file_order(keys, readers[0])
+        shapes = {key: readers[0].shape(key) for key in ordered}
+        buffers.reserve(max((_numel(s) for s in shapes.values()), default=0))
+        try:
+            for key in tqdm(ordered, desc=f"{spec.name}", disable=self.quiet, unit="tensor"):
+                stack, base = buffers.views(shapes[key])
+                for reader, row in zip(readers, stack, strict=True):
+                    reader.read_into(key, row)
+                if base_reader is None or key not in base_reader or base_reader.shape(key) != shapes[key]:
                     base = None
-            if spec.needs_base and base is None:
-                raise ValueError(f"{spec.name}: the base model has no tensor {key} of matching shape")
-            out[key] = spec.fn(tensors, base, key=key, generator=self.generator(key), **params).contiguous()
-            del tensors, base
-        for r in readers + ([base_reader] if base_reader else []):
-            r.close()
+                else:
+                    base_reader.read_into(key, base)
+                if spec.needs_base and base is None:
+                    raise ValueError(f"{spec.name}: the base model has no tensor {key} of matching shape")
+                merged = spec.fn(TensorStack(stack), base, key=key, generator=self.generator(key), **params)
+                if sink is not None:
+                    sink(key, merged)
+                else:
+                    out[key] = merged.clone() if buffers.owns(merged) else merged.contiguous()
+                del merged, stack, base
+        finally:
+            for r in readers + ([base_reader] if base_reader else []):
+                r.close()
         return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _task_names(config: MergeConfig, sources: list[ModelSource]) -> list[str]:
@@ -205,7 +236,10 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
 
 
 def tensorwise_result(ctx: MergeContext, spec: MethodSpec, params: dict) -> MergeResult:
-    """Apply a tensorwise method to the backbone and, for shared labels, to the classifier."""
+    """Apply a tensorwise method to the backbone and, for shared labels, to the classifier.
+
+    The merged model is allocated first and every merged tensor is copied into it as soon as it
+    is produced, so a merge holds one model plus one tensor's working set."""
     adapter = ctx.adapter
     keys = list(adapter.backbone_keys)
     info: dict = {}
@@ -216,12 +250,23 @@ def tensorwise_result(ctx: MergeContext, spec: MethodSpec, params: dict) -> Merg
         if base_labels != adapter.num_labels:
             merge_head = False
             info["head_note"] = "base model has another label space: classifier heads were averaged"
-    merged = ctx.run_tensorwise(spec, params, keys + (head_keys if merge_head else []))
-    result = MergeResult(backbone={k: merged[k] for k in keys}, info=info)
+    model = empty_merged_model(ctx)
+    target = ViTAdapter.from_model(model)
+    canonical = {k: k for k in keys}
     if merge_head:
-        result.shared_head = (merged[head_keys[0]], merged[head_keys[1]])
-    else:
+        w, b = target.key("classifier", "weight"), target.key("classifier", "bias")
+        canonical.update(zip(head_keys, (w, b), strict=True))
+
+    @torch.no_grad()
+    def write(key: str, tensor: torch.Tensor) -> None:
+        target.parameter(model, canonical[key]).copy_(tensor)
+
+    ctx.run_tensorwise(spec, params, keys + (head_keys if merge_head else []), sink=write)
+    result = MergeResult(info=info)
+    if not merge_head:
         result.heads = read_heads(ctx.sources)
+    _fill_heads(ctx, model, result)
+    result.model = model
     return result
 
 
@@ -251,25 +296,15 @@ def merged_config_dict(ctx: MergeContext) -> dict:
     return cfg
 
 
-def assemble(ctx: MergeContext, result: MergeResult) -> torch.nn.Module:
-    """Build the merged ``PreTrainedModel`` from canonical tensors and heads."""
+def empty_merged_model(ctx: MergeContext) -> torch.nn.Module:
+    """The merged ``PreTrainedModel`` (labels and heads per ``ctx.heads_mode``), allocated but not filled."""
     from transformers import ViTConfig, ViTForImageClassification
 
     from .modeling import ViTMultiHeadConfig, ViTMultiHeadForImageClassification
 
     cfg = merged_config_dict(ctx)
     mode = ctx.heads_mode
-    if mode == "shared":
-        labels = ctx.label_lists[0]
-        if result.shared_head is not None:
-            head = result.shared_head
-        else:
-            head = (
-                torch.stack([h[0] for h in result.heads]).mean(0),
-                torch.stack([h[1] for h in result.heads]).mean(0),
-            )
-    else:
-        labels = union_labels(ctx.task_names, ctx.label_lists)
+    labels = ctx.label_lists[0] if mode == "shared" else union_labels(ctx.task_names, ctx.label_lists)
     id2label = dict(enumerate(labels))
     label2id = {v: k for k, v in id2label.items()}
     if mode == "multi":
@@ -280,22 +315,48 @@ def assemble(ctx: MergeContext, result: MergeResult) -> torch.nn.Module:
             task_names=ctx.task_names,
             task_num_labels=[len(x) for x in ctx.label_lists],
         )
-        model = _empty_model(ViTMultiHeadForImageClassification, config)
-        backbone_adapter = ViTAdapter.from_model(model)
-        backbone_adapter.load_state_dict(model, result.backbone)
-        with torch.no_grad():
-            for lin, (w, b) in zip(model.heads, result.heads, strict=True):
-                lin.weight.copy_(w)
-                lin.bias.copy_(b)
-        return model
+        return _empty_model(ViTMultiHeadForImageClassification, config)
     config = ViTConfig(**cfg, id2label=id2label, label2id=label2id)
-    model = _empty_model(ViTForImageClassification, config)
-    if mode == "union":
-        head = (torch.cat([h[0] for h in result.heads]), torch.cat([h[1] for h in result.heads]))
+    return _empty_model(ViTForImageClassification, config)
+
+
+def _head(ctx: MergeContext, result: MergeResult) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The single classifier of a shared/union model (None when a merged one is already in place)."""
+    if ctx.heads_mode == "shared":
+        if result.shared_head is not None or result.heads is None:
+            return result.shared_head
+        return (
+            torch.stack([h[0] for h in result.heads]).mean(0),
+            torch.stack([h[1] for h in result.heads]).mean(0),
+        )
+    return torch.cat([h[0] for h in result.heads]), torch.cat([h[1] for h in result.heads])
+
+
+@torch.no_grad()
+def _fill_heads(ctx: MergeContext, model: torch.nn.Module, result: MergeResult) -> None:
+    """Copy the classifier(s) of ``result`` into ``model``."""
+    if ctx.heads_mode == "multi":
+        for lin, (w, b) in zip(model.heads, result.heads, strict=True):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+        return
+    head = _head(ctx, result)
+    if head is not None:
+        model.classifier.weight.copy_(head[0])
+        model.classifier.bias.copy_(head[1])
+
+
+def assemble(ctx: MergeContext, result: MergeResult) -> torch.nn.Module:
+    """Build the merged ``PreTrainedModel`` from canonical tensors and heads."""
+    model = empty_merged_model(ctx)
     adapter = ViTAdapter.from_model(model)
     tensors = dict(result.backbone)
-    tensors[adapter.key("classifier", "weight")], tensors[adapter.key("classifier", "bias")] = head
+    if ctx.heads_mode != "multi":
+        w, b = adapter.key("classifier", "weight"), adapter.key("classifier", "bias")
+        tensors[w], tensors[b] = _head(ctx, result)
     adapter.load_state_dict(model, tensors)
+    if ctx.heads_mode == "multi":
+        _fill_heads(ctx, model, result)
     return model
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._stack import stacked
 from .registry import merge_method
 
 
@@ -17,11 +18,12 @@ def average(
     sum to one, so a single model with weight 1 is returned unchanged.
     """
     if weights is None:
-        return torch.stack(tensors).mean(0)
+        return stacked(tensors).sum(0).div_(len(tensors))
     if len(weights) != len(tensors):
         raise ValueError(f"average: got {len(weights)} weights for {len(tensors)} models")
     w = torch.tensor(weights, dtype=tensors[0].dtype)
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"average: weights must be non-negative and not all zero, got {weights}")
     w = w / w.sum()
-    return torch.einsum("k,k...->...", w, torch.stack(tensors))
+    x = stacked(tensors)
+    return (w @ x.reshape(len(tensors), -1)).reshape(x.shape[1:])

@@ -17,20 +17,48 @@ from __future__ import annotations
 import torch
 
 from .registry import merge_method
-from .task_arithmetic import task_vectors
-from .ties import ties_task_vector
+from .task_arithmetic import task_vectors_
+from .ties import ties_task_vector_
 
 _DEFAULT_SCALING = {"task_arithmetic": 0.3, "ties": 1.0}
 
 
-def drop_and_rescale(task_vecs: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Zero each entry with probability ``drop_rate`` and rescale the survivors by ``1/(1-drop_rate)``."""
+_LEVELS = 1 << 16  # drop decisions compare 16 random bits with round(drop_rate * 2**16)
+
+
+def _drop_mask(shape: torch.Size, drop_rate: float, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """A ``[*shape]`` bool mask of dropped entries and the survivors' rescaling factor.
+
+    Each entry is dropped when 16 random bits fall below ``round(drop_rate * 2**16)`` (numpy's
+    SFC64 generator, seeded from ``generator``: ~5x faster than ``torch.rand``); the rescaling is
+    the inverse of the exact survival probability, so the expectation is unchanged exactly."""
+    import numpy as np
+
+    numel = 1
+    for s in shape:
+        numel *= s
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((numel + 3) // 4)
+    levels = round(drop_rate * _LEVELS)
+    dropped = bits.view(np.uint16)[:numel] < levels
+    return torch.from_numpy(dropped).reshape(shape), _LEVELS / (_LEVELS - levels)
+
+
+def _check_drop_rate(drop_rate: float) -> None:
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"dare: drop_rate must be in [0, 1), got {drop_rate}")
+    if round(drop_rate * _LEVELS) >= _LEVELS:
+        raise ValueError(f"dare: drop_rate {drop_rate} is too close to 1 (resolution 2**-16)")
+
+
+def drop_and_rescale(task_vecs: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Zero each entry with probability ``drop_rate`` and rescale the survivors by ``1/(1-drop_rate)``
+    (a new tensor)."""
+    _check_drop_rate(drop_rate)
     if drop_rate == 0.0:
         return task_vecs
-    keep = torch.rand(task_vecs.shape, generator=generator, dtype=torch.float32) >= drop_rate
-    return task_vecs * keep / (1.0 - drop_rate)
+    dropped, scale = _drop_mask(task_vecs.shape, drop_rate, generator)
+    return task_vecs.masked_fill(dropped, 0.0).mul_(scale)
 
 
 @merge_method("dare", needs_base=True, reference="https://arxiv.org/abs/2311.03099")
@@ -58,8 +86,16 @@ def dare(
         raise ValueError(f"dare: combine must be one of {sorted(_DEFAULT_SCALING)}, got {combine!r}")
     if combine == "task_arithmetic" and density != 1.0:
         raise ValueError("dare: density only applies to combine: ties")
+    _check_drop_rate(drop_rate)
     generator = ctx.get("generator") or torch.Generator().manual_seed(0)
     lam = _DEFAULT_SCALING[combine] if scaling is None else float(scaling)
-    dropped = drop_and_rescale(task_vectors(tensors, base), drop_rate, generator)
-    merged = dropped.sum(0) if combine == "task_arithmetic" else ties_task_vector(dropped, density)
-    return base + lam * merged
+    task_vecs = task_vectors_(tensors, base)
+    if drop_rate > 0.0:
+        dropped, rescale = _drop_mask(task_vecs.shape, drop_rate, generator)
+        task_vecs.masked_fill_(dropped, 0.0)
+        del dropped
+        # the rescaling is a positive constant: it commutes with the sum and with every TIES step
+        # (magnitude ranks, signs, disjoint mean), so it is folded into lambda
+        lam *= rescale
+    merged = task_vecs.sum(0) if combine == "task_arithmetic" else ties_task_vector_(task_vecs, density)
+    return merged.mul_(lam).add_(base)

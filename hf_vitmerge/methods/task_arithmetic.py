@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import torch
 
+from ._stack import stacked
 from .registry import merge_method
 
 
 def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """Stacked task vectors ``theta_k - theta_base`` (shape ``[K, *param]``)."""
-    return torch.stack(tensors) - base.unsqueeze(0)
+    """Stacked task vectors ``theta_k - theta_base`` (shape ``[K, *param]``); a new tensor."""
+    return torch.stack(list(tensors)) - base.unsqueeze(0)
+
+
+def task_vectors_(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """:func:`task_vectors` computed in the engine's input buffer when it hands one over
+    (:class:`~hf_vitmerge.methods._stack.TensorStack`): ``tensors`` must not be used afterwards."""
+    return stacked(tensors).sub_(base.unsqueeze(0))
 
 
 @merge_method("task_arithmetic", needs_base=True, reference="https://arxiv.org/abs/2212.04089")
@@ -23,4 +30,4 @@ def task_arithmetic(
     8 or more tasks (FusionBench, TIES paper). With K models and ``scaling = 1/K`` this equals
     plain averaging.
     """
-    return base + scaling * task_vectors(tensors, base).sum(0)
+    return task_vectors_(tensors, base).sum(0).mul_(scaling).add_(base)

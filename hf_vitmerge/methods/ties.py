@@ -16,8 +16,16 @@ Deviations from the released code (github.com/prateeksha-yadav/ties-merging), no
 
 * Trimming is per tensor (as in mergekit and peft), not over the whole flattened model: the
   engine streams one tensor at a time, so the model never has to be in memory at once.
-* Exactly ``round(density * n)`` entries are kept (``torch.topk``); the released code keeps
-  everything at or above the k-th value, which can keep more on ties.
+* The trim threshold of a task vector with at most 131,072 entries is its exact k-th largest
+  magnitude, ``k = round(density * n)`` (``torch.kthvalue``); larger ones (ViT-B's attention and
+  MLP matrices) use the same quantile of a strided sample of at least 65,536 entries (a prime
+  stride that does not divide the row length, so every column is sampled), so about
+  ``density * n`` entries are kept (one standard error: +-0.0016 of n at density 0.2). Everything
+  at or above the threshold is kept, as in the released code. No sort: ``torch.topk`` made TIES
+  16x slower than reading its inputs.
+* Sign election and the disjoint mean are fused and run over cache-sized column chunks:
+  ``mean of the agreeing entries = (sum of the positive entries) / (their count)`` when the
+  elected sign is +, likewise for -.
 * An entry whose summed sign is exactly zero gets zero (the released code falls back to the
   model-wide majority sign, which needs the whole model).
 """
@@ -27,22 +35,56 @@ from __future__ import annotations
 import torch
 
 from .registry import merge_method
-from .task_arithmetic import task_vectors
+from .task_arithmetic import task_vectors_
+
+_EXACT_MAX = 1 << 17  # task vectors up to this size get the exact k-th largest magnitude
+_SAMPLE = 1 << 16  # otherwise, at least this many sampled entries per task vector
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
+_CHUNK = 1 << 16  # columns per fused chunk ([K, 65536] float32: cache-sized)
+
+
+def topk_threshold(task_vecs: torch.Tensor, k: int, row_length: int | None = None) -> torch.Tensor:
+    """Per row of the ``[K, n]`` ``task_vecs``, the magnitude threshold of its top ``k`` entries:
+    the exact k-th largest ``|x|`` for ``n <= 131072``, else that quantile of a strided sample of
+    at least 65,536 entries (stride: a prime not dividing ``row_length``, the parameter's last
+    dimension, so that matrix columns are not aliased)."""
+    n = task_vecs.shape[1]
+    rank = n - k + 1  # the k-th largest is the rank-th smallest (1-based)
+    if n <= _EXACT_MAX:
+        return task_vecs.abs().kthvalue(rank, dim=1).values
+    row_length = row_length or n
+    stride = max((p for p in _PRIMES if n // p >= _SAMPLE and row_length % p), default=1)
+    sample = task_vecs[:, ::stride].abs()
+    m = sample.shape[1]
+    return sample.kthvalue(min(m, max(1, round(rank / n * m))), dim=1).values
 
 
 def trim_top_k(task_vecs: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of largest-magnitude entries of each task vector (row of a
-    ``[K, *param]`` stack); the others become zero."""
+    ``[K, *param]`` stack); the others become zero (a new tensor)."""
+    return trim_top_k_(task_vecs.clone(), density)
+
+
+def _threshold(task_vecs: torch.Tensor, density: float) -> torch.Tensor | None:
+    """``[K]`` trim thresholds of a ``[K, *param]`` stack, or None when nothing is trimmed."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"ties: density must be in (0, 1], got {density}")
     flat = task_vecs.reshape(task_vecs.shape[0], -1)
     n = flat.shape[1]
     k = max(1, round(density * n))
     if k >= n:
-        return task_vecs.clone()
-    idx = flat.abs().topk(k, dim=1).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
-    return (flat * mask).reshape(task_vecs.shape)
+        return None
+    return topk_threshold(flat, k, task_vecs.shape[-1] if task_vecs.dim() > 1 else n)
+
+
+def trim_top_k_(task_vecs: torch.Tensor, density: float) -> torch.Tensor:
+    """:func:`trim_top_k` in place on ``task_vecs`` (returned)."""
+    threshold = _threshold(task_vecs, density)
+    if threshold is None:
+        return task_vecs
+    flat = task_vecs.reshape(task_vecs.shape[0], -1)
+    flat.mul_(flat.abs() >= threshold.unsqueeze(1))
+    return task_vecs
 
 
 def elect_sign(task_vecs: torch.Tensor) -> torch.Tensor:
@@ -52,15 +94,38 @@ def elect_sign(task_vecs: torch.Tensor) -> torch.Tensor:
 
 def disjoint_mean(task_vecs: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Per entry, the mean of the non-zero task-vector values that agree with ``sign``."""
-    agree = (torch.sign(task_vecs) == sign.unsqueeze(0)) & (task_vecs != 0)
-    count = agree.sum(0).clamp(min=1)
-    return (task_vecs * agree).sum(0) / count
+    agree = task_vecs * sign.unsqueeze(0) > 0  # same sign as the elected one, and non-zero
+    count = agree.sum(0).clamp_(min=1)
+    return torch.where(agree, task_vecs, 0.0).sum(0).div_(count)
 
 
 def ties_task_vector(task_vecs: torch.Tensor, density: float = 0.2) -> torch.Tensor:
     """The TIES merged task vector of a ``[K, *param]`` stack: trim, elect sign, disjoint mean."""
-    trimmed = trim_top_k(task_vecs, density)
-    return disjoint_mean(trimmed, elect_sign(trimmed))
+    return ties_task_vector_(task_vecs.clone(), density)
+
+
+def ties_task_vector_(task_vecs: torch.Tensor, density: float = 0.2) -> torch.Tensor:
+    """:func:`ties_task_vector` that trims ``task_vecs`` in place (no copy of the stack): trim, sign
+    election and disjoint mean fused over cache-sized column chunks."""
+    threshold = _threshold(task_vecs, density)
+    flat = task_vecs.reshape(task_vecs.shape[0], -1)
+    out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
+    keep_at = threshold.unsqueeze(1) if threshold is not None else None
+    for start in range(0, flat.shape[1], _CHUNK):
+        t = flat[:, start : start + _CHUNK]
+        if keep_at is not None:
+            t.mul_((t.abs() >= keep_at).to(t.dtype))  # a float mask multiplies faster than a bool one
+        total = t.sum(0)  # its sign is the elected sign
+        pos_sum = t.clamp(min=0).sum(0)
+        signs = t.sign()
+        balance = signs.sum(0)  # (#positive - #negative); float sums beat count_nonzero(dim=0) 3x
+        nonzero = signs.abs_().sum(0)  # (#positive + #negative)
+        pos_count = (nonzero + balance).mul_(0.5).clamp_(min=1)
+        neg_count = (nonzero - balance).mul_(0.5).clamp_(min=1)
+        o = out[start : start + _CHUNK]
+        torch.where(total > 0, pos_sum / pos_count, (total - pos_sum) / neg_count, out=o)
+        o.masked_fill_(total == 0, 0.0)
+    return out.reshape(task_vecs.shape[1:])
 
 
 @merge_method(
@@ -81,4 +146,4 @@ def ties(
     keeps the merged task vector on the scale of a single one, lambda near 1 is the natural
     choice. FusionBench's 0.3 goes with its disjoint *sum* variant, which is K times larger.
     """
-    return base + scaling * ties_task_vector(task_vectors(tensors, base), density)
+    return ties_task_vector_(task_vectors_(tensors, base), density).mul_(scaling).add_(base)
