@@ -125,7 +125,7 @@ def child(args: argparse.Namespace) -> None:
     models = args.models.split(",")
     baseline_kb = _status_kb("VmHWM")
     out = Path(args.out)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with _Sampler() as mem:
         if args.task == "io":
             from safetensors.torch import save_file
@@ -149,10 +149,12 @@ def child(args: argparse.Namespace) -> None:
             model = hv.merge(models, args.task, base_model=args.base, quiet=True)
             model.save_pretrained(out)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     print(
         json.dumps(
             {
                 "seconds": round(seconds, 2),
+                "cpu_seconds": round(cpu_seconds, 2),
                 "peak_rss_mb": round(_status_kb("VmHWM") / 1024, 1),
                 "rss_after_imports_mb": round(baseline_kb / 1024, 1),
                 "peak_anon_mb": round(mem.anon / 1024, 1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +100,9 @@ class MergeContext:
     ) -> dict[str, torch.Tensor]:
         """Stream ``keys`` from every input's weight files through a tensorwise method.
 
-        Each tensor of every input is read once, in file order, straight into one reusable
-        ``[K, *shape]`` float32 buffer (:mod:`hf_vitmerge.streaming`), which the method receives
+        Each tensor of every input is read once, in file order, straight into a reusable
+        ``[K, *shape]`` float32 buffer (:mod:`hf_vitmerge.streaming`; the next tensor is read in a
+        background thread while the method runs on this one), which the method receives
         as a :class:`~hf_vitmerge.methods._stack.TensorStack` (a ``list[Tensor]``). Returns
         ``{key: merged tensor}``; with ``sink``, each merged tensor is passed to ``sink(key, tensor)``
         as soon as it is produced (and must be copied there: its memory may be reused) and the
@@ -119,28 +121,42 @@ class MergeContext:
         ):
             params = {**params, "weights": [1.0 if w is None else w for w in weights]}
         out: dict[str, torch.Tensor] = {}
-        buffers = StackBuffers(len(readers))
         ordered = file_order(keys, readers[0])
         shapes = {key: readers[0].shape(key) for key in ordered}
-        buffers.reserve(max((_numel(s) for s in shapes.values()), default=0))
+        largest = max((_numel(s) for s in shapes.values()), default=0)
+        # two buffer sets: the next tensor is read (in a thread; preadv releases the GIL) while
+        # the method works on this one
+        buffers = [StackBuffers(len(readers)), StackBuffers(len(readers))]
+        for b in buffers:
+            b.reserve(largest)
+
+        def read(i: int):
+            key = ordered[i]
+            stack, base = buffers[i % 2].views(shapes[key])
+            for reader, row in zip(readers, stack, strict=True):
+                reader.read_into(key, row)
+            if base_reader is None or key not in base_reader or base_reader.shape(key) != shapes[key]:
+                base = None
+            else:
+                base_reader.read_into(key, base)
+            return stack, base
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_vitmerge-read")
         try:
-            for key in tqdm(ordered, desc=f"{spec.name}", disable=self.quiet, unit="tensor"):
-                stack, base = buffers.views(shapes[key])
-                for reader, row in zip(readers, stack, strict=True):
-                    reader.read_into(key, row)
-                if base_reader is None or key not in base_reader or base_reader.shape(key) != shapes[key]:
-                    base = None
-                else:
-                    base_reader.read_into(key, base)
+            pending = pool.submit(read, 0) if ordered else None
+            for i, key in enumerate(tqdm(ordered, desc=f"{spec.name}", disable=self.quiet, unit="tensor")):
+                stack, base = pending.result()
+                pending = pool.submit(read, i + 1) if i + 1 < len(ordered) else None
                 if spec.needs_base and base is None:
                     raise ValueError(f"{spec.name}: the base model has no tensor {key} of matching shape")
                 merged = spec.fn(TensorStack(stack), base, key=key, generator=self.generator(key), **params)
                 if sink is not None:
                     sink(key, merged)
                 else:
-                    out[key] = merged.clone() if buffers.owns(merged) else merged.contiguous()
+                    out[key] = merged.clone() if buffers[i % 2].owns(merged) else merged.contiguous()
                 del merged, stack, base
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             for r in readers + ([base_reader] if base_reader else []):
                 r.close()
         return out

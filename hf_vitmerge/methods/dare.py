@@ -26,11 +26,12 @@ _DEFAULT_SCALING = {"task_arithmetic": 0.3, "ties": 1.0}
 _LEVELS = 1 << 16  # drop decisions compare 16 random bits with round(drop_rate * 2**16)
 
 
-def _drop_mask(shape: torch.Size, drop_rate: float, generator: torch.Generator) -> tuple[torch.Tensor, float]:
-    """A ``[*shape]`` bool mask of dropped entries and the survivors' rescaling factor.
+def _keep_mask(shape: torch.Size, drop_rate: float, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """A ``[*shape]`` float32 mask (1 = kept, 0 = dropped) and the survivors' rescaling factor.
 
     Each entry is dropped when 16 random bits fall below ``round(drop_rate * 2**16)`` (numpy's
-    SFC64 generator, seeded from ``generator``: ~5x faster than ``torch.rand``); the rescaling is
+    SFC64 generator, seeded from ``generator``: ~5x faster than ``torch.rand``; the comparison
+    writes float32 directly, as torch's bool-to-float conversion is slow on CPU); the rescaling is
     the inverse of the exact survival probability, so the expectation is unchanged exactly."""
     import numpy as np
 
@@ -40,8 +41,9 @@ def _drop_mask(shape: torch.Size, drop_rate: float, generator: torch.Generator) 
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((numel + 3) // 4)
     levels = round(drop_rate * _LEVELS)
-    dropped = bits.view(np.uint16)[:numel] < levels
-    return torch.from_numpy(dropped).reshape(shape), _LEVELS / (_LEVELS - levels)
+    keep = np.empty(numel, dtype=np.float32)
+    np.greater_equal(bits.view(np.uint16)[:numel], levels, out=keep, casting="unsafe")
+    return torch.from_numpy(keep).reshape(shape), _LEVELS / (_LEVELS - levels)
 
 
 def _check_drop_rate(drop_rate: float) -> None:
@@ -57,8 +59,8 @@ def drop_and_rescale(task_vecs: torch.Tensor, drop_rate: float, generator: torch
     _check_drop_rate(drop_rate)
     if drop_rate == 0.0:
         return task_vecs
-    dropped, scale = _drop_mask(task_vecs.shape, drop_rate, generator)
-    return task_vecs.masked_fill(dropped, 0.0).mul_(scale)
+    keep, scale = _keep_mask(task_vecs.shape, drop_rate, generator)
+    return (task_vecs * keep.to(task_vecs.device)).mul_(scale)
 
 
 @merge_method("dare", needs_base=True, reference="https://arxiv.org/abs/2311.03099")
@@ -91,9 +93,9 @@ def dare(
     lam = _DEFAULT_SCALING[combine] if scaling is None else float(scaling)
     task_vecs = task_vectors_(tensors, base)
     if drop_rate > 0.0:
-        dropped, rescale = _drop_mask(task_vecs.shape, drop_rate, generator)
-        task_vecs.masked_fill_(dropped, 0.0)
-        del dropped
+        keep, rescale = _keep_mask(task_vecs.shape, drop_rate, generator)
+        task_vecs.mul_(keep.to(task_vecs.device))
+        del keep
         # the rescaling is a positive constant: it commutes with the sum and with every TIES step
         # (magnitude ranks, signs, disjoint mean), so it is folded into lambda
         lam *= rescale
