@@ -3,25 +3,9 @@
 Statistics are float64 running sums — ``count``, ``sum`` of features and ``outer`` (sum of
 ``f f^T``) — so no activation is ever kept beyond one batch, batches can be sharded over
 processes (the sums are all-reduced) and results can be cached on disk. Each batch's product
-``F^T F`` is computed in float32 (at most :data:`PRODUCT_ROWS` rows per product; a symmetric
-rank-k update on CPU) and added to the float64 total, on CPU and CUDA alike: the relative
-error against an all-float64 path is ~1e-7 (tested <= 1e-6) at half the cost.
-
-Points (dict keys; ``i`` is the block index), all captured with hooks on modules obtained
-through :meth:`ViTAdapter.module`, so the transformers 4.x and 5.x layouts both work:
-
-* ``residual`` (alias ``classifier_in``): final-LayerNorm output of the CLS token, one vector per image;
-* ``residual_tokens``: final-LayerNorm output, every token;
-* ``qk.{i}``: outputs of q and of k, every token; q rows and k rows are both samples of the same features;
-* ``vo.{i}``: input of the attention output projection (heads * head_dim order), every token;
-* ``mlp.{i}``: input of fc2 (post-activation MLP hidden), every token;
-* ``attn_in.{i}``: input of q/k/v (output of ln1), every token;
-* ``fc1_in.{i}``: input of fc1 (output of ln2), every token.
-
-:func:`collect_joint_stats` runs N models on the same images and accumulates the
-*concatenation* of their features (``D = N * d``, model order), which gives the cross-model
-correlations the alignment methods match on. :func:`collect_model_stats` runs one model on its
-own data (RegMean Grams).
+``F^T F`` is computed in float32 (a GEMM over at most :data:`PRODUCT_ROWS` rows) and added to
+the float64 total, on CPU and CUDA alike (TF32 off): the relative error against an all-float64
+path is ~1e-7 (tested <= 1e-6) at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -49,6 +33,8 @@ _TINY_STD = 1e-12
 PRODUCT_DTYPE = torch.float32
 #: rows per float32 product before it is added to the float64 total (bounds the float32 error)
 PRODUCT_ROWS = 8192
+#: CPU products by BLAS ``ssyrk`` (lower triangle, half the FLOPs) instead of ``torch.mm``
+CPU_SYRK = True
 # point kind -> (module role, hook type, parts per model); "out" hooks read the module output
 _KINDS: dict[str, tuple[tuple[str, str], ...]] = {
     "qk": (("q", "out"), ("k", "out")),
@@ -185,68 +171,65 @@ def _product_dtype(f: torch.Tensor) -> torch.dtype:
 
 
 def accumulate_outer_(
-    outer: torch.Tensor, f: torch.Tensor, *, lower_only: bool = True, scratch: dict | None = None
+    outer: torch.Tensor, f: torch.Tensor, *, lower_only: bool = False, scratch: dict | None = None
 ) -> bool:
     """``outer += f^T f``: ``outer`` is float64; each product over at most :data:`PRODUCT_ROWS` rows
     of ``f`` is computed in float32 (float64 when ``f`` is float64 or :data:`PRODUCT_DTYPE` says so)
-    and added to it. On CPU, with ``lower_only``, a BLAS symmetric rank-k update (``?syrk``, half the
-    FLOPs of a GEMM) fills only the lower triangle of the row-major ``outer`` and True is returned: the
-    caller mirrors it once at the end (:func:`symmetrize_lower_`). ``scratch`` caches the float32
-    product buffer between calls (keyed by size)."""
+    and added to it. ``scratch`` caches the float32 product buffer between calls (keyed by size).
+
+    On CPU with ``lower_only`` (and :data:`CPU_SYRK`), a BLAS ``?syrk`` fills only the lower
+    triangle of the row-major ``outer`` and True is returned: the caller mirrors it once at the end
+    (:func:`symmetrize_lower_`). Keep the BLAS to torch's thread count (:func:`_blas_threads`):
+    measured on this project's shared 2-core machine, OpenBLAS threads left spinning made a
+    ``[544, 256]`` ``ssyrk`` take 20 ms instead of 0.3 ms (``torch.mm``: 0.6 ms). Otherwise the
+    product is ``torch.mm`` (TF32 off on CUDA), symmetric up to rounding (:func:`symmetrize_`), and
+    False is returned."""
     dtype = _product_dtype(f)
     f = f.to(dtype)
-    if not f.is_contiguous():
-        f = f.contiguous()
-    rows = f.shape[0]
-    use_syrk = lower_only and not f.is_cuda and outer.is_contiguous()
-    if not use_syrk and f.is_cuda:
+    if f.is_cuda:
         with _fp32_exact():
-            return _accumulate_gemm(outer, f, dtype, scratch)
-    if not use_syrk:
-        return _accumulate_gemm(outer, f, dtype, scratch)
+            _accumulate_gemm(outer, f, dtype, scratch)
+        return False
+    if lower_only and CPU_SYRK and outer.is_contiguous():
+        _accumulate_syrk(outer, f.contiguous(), dtype, scratch)
+        return True
+    _accumulate_gemm(outer, f, dtype, scratch)
+    return False
+
+
+def _accumulate_syrk(outer: torch.Tensor, f: torch.Tensor, dtype: torch.dtype, scratch: dict | None) -> None:
+    """Lower triangle of the row-major ``outer`` += ``f^T f`` by BLAS ``?syrk`` (half a GEMM's FLOPs)."""
     from scipy.linalg import blas
 
-    syrk = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
-    dim = outer.shape[0]
     if dtype == torch.float64:
-        # exact path: accumulate straight into the float64 total
-        c = outer.numpy().T
-        for start in range(0, rows, PRODUCT_ROWS):
+        c = outer.numpy().T  # column-major view: its upper triangle is the row-major lower one
+        for start in range(0, f.shape[0], PRODUCT_ROWS):
             chunk = f[start : start + PRODUCT_ROWS].numpy()
-            res = syrk(1.0, chunk.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
-            if res is not c and not _shares(res, c):
+            res = blas.dsyrk(1.0, chunk.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+            if res.ctypes.data != c.ctypes.data:
                 outer.copy_(torch.from_numpy(res.T.copy()))
-                c = outer.numpy().T
-        return True
-    buf = _scratch(scratch, dim, dtype, outer.device)
-    c = buf.numpy().T  # column-major view: its upper triangle is the row-major lower triangle
-    for start in range(0, rows, PRODUCT_ROWS):
+        return
+    buf = _scratch(scratch, outer.shape[0], dtype, outer.device)
+    c = buf.numpy().T
+    for start in range(0, f.shape[0], PRODUCT_ROWS):
         chunk = f[start : start + PRODUCT_ROWS].numpy()
-        res = syrk(1.0, chunk.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)
-        if not _shares(res, c):
+        res = blas.ssyrk(1.0, chunk.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)
+        if res.ctypes.data != c.ctypes.data:
             buf.copy_(torch.from_numpy(res.T.copy()))
-        outer.add_(buf)  # the strict upper triangle of buf is never written (stays 0)
-    return True
+        outer.add_(buf)  # buf's strict upper triangle is never written (stays 0)
 
 
-def _shares(a, b) -> bool:
-    import numpy as np
-
-    return bool(np.shares_memory(a, b))
-
-
-def _accumulate_gemm(outer: torch.Tensor, f: torch.Tensor, dtype: torch.dtype, scratch: dict | None) -> bool:
+def _accumulate_gemm(outer: torch.Tensor, f: torch.Tensor, dtype: torch.dtype, scratch: dict | None) -> None:
     if dtype == torch.float64:
         for start in range(0, f.shape[0], PRODUCT_ROWS):
             chunk = f[start : start + PRODUCT_ROWS]
             outer.addmm_(chunk.T, chunk)
-        return False
+        return
     buf = _scratch(scratch, outer.shape[0], dtype, outer.device)
     for start in range(0, f.shape[0], PRODUCT_ROWS):
         chunk = f[start : start + PRODUCT_ROWS]
         torch.mm(chunk.T, chunk, out=buf)
         outer.add_(buf)
-    return False
 
 
 def _scratch(scratch: dict | None, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -268,6 +251,11 @@ def _fp32_exact():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def symmetrize_(outer: torch.Tensor) -> None:
+    """Make an accumulated ``sum f f^T`` exactly symmetric (average with its transpose)."""
+    outer.copy_((outer + outer.T) / 2)
 
 
 def symmetrize_lower_(outer: torch.Tensor) -> None:
@@ -295,7 +283,8 @@ class _Collector:
         self.parts: dict[str, int] = {}
         self.buffers: dict[str, list[list[torch.Tensor]]] = {}
         self.handles = []
-        self.triangular: set[str] = set()  # points whose outer holds only its lower triangle
+        self.triangular: set[str] = set()  # points whose outer holds only its lower triangle (syrk)
+        self.rounded: set[str] = set()  # points to symmetrize at the end (GEMM rounding)
         self.scratch: dict = {}  # float32 product buffers, one per feature size
         for point in self.points:
             kind, layer, d = _parse_point(point, adapters[0])
@@ -355,14 +344,19 @@ class _Collector:
         self.buffers[point] = [[] for _ in range(self.n)]
         st.count += joint.shape[0]
         st.sum.add_(joint.sum(0, dtype=torch.float64))
-        if accumulate_outer_(st.outer, joint, scratch=self.scratch):
+        if accumulate_outer_(st.outer, joint, lower_only=True, scratch=self.scratch):
             self.triangular.add(point)
+        else:
+            self.rounded.add(point)
 
     def finalize(self) -> dict[str, FeatureStats]:
-        """Complete the outer products accumulated as one triangle (see :func:`accumulate_outer_`)."""
+        """Make the accumulated outer products exactly symmetric (see :func:`accumulate_outer_`)."""
         for point in self.triangular:
             symmetrize_lower_(self.stats[point].outer)
+        for point in self.rounded - self.triangular:
+            symmetrize_(self.stats[point].outer)
         self.triangular.clear()
+        self.rounded.clear()
         self.scratch.clear()
         return self.stats
 
