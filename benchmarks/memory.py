@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -195,12 +196,22 @@ def main() -> None:
     parser.add_argument(
         "--methods", default="average,task_arithmetic,ties,dare", help="comma-separated tensorwise methods"
     )
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per row (best time kept)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in each measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per row (best time kept)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in each measurement (1: on a shared machine, OpenMP threads that wait for "
+        "a busy core spin; measured 3-16x slower with 2 threads under load)",
+    )
     parser.add_argument(
         "--zoo", default=None, help="a suite folder with base/ and models/ (else random checkpoints)"
     )
-    parser.add_argument("--workdir", default="/tmp/hf_vitmerge_membench")
+    parser.add_argument(
+        "--workdir",
+        default=os.environ.get("HF_VITMERGE_MEMBENCH_DIR", "/tmp/hf_vitmerge_membench"),
+        help="where the random checkpoints are generated (once); default $HF_VITMERGE_MEMBENCH_DIR",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
