@@ -32,7 +32,7 @@ def _setup(size: str, n_models: int, images: int):
     import torch
     from datasets import Dataset
     from PIL import Image
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTForImageClassification, ViTImageProcessor
 
     from hf_vitmerge.data import TaskData
     from hf_vitmerge.zoo.builder import SIZES
