@@ -146,7 +146,11 @@ def test_merge_uses_each_layers_own_input_gram(shared_labels, tmp_path):
         proc = AutoImageProcessor.from_pretrained(refs[i])
         points = ["residual", "attn_in.1", "vo.0", "fc1_in.1", "mlp.0"]
         grams.append(
-            {p: s.gram() for p, s in collect_model_stats(model, calib, proc, points, quiet=True).items()}
+            # same batches as the merge: float32 per-batch products round per batch partition
+            {
+                p: s.gram()
+                for p, s in collect_model_stats(model, calib, proc, points, batch_size=4, quiet=True).items()
+            }
         )
     cases = [("q", 1, "attn_in.1"), ("v", 1, "attn_in.1"), ("o", 0, "vo.0"), ("fc1", 1, "fc1_in.1")]
     cases += [("fc2", 0, "mlp.0"), ("classifier", None, "residual")]
