@@ -2,7 +2,7 @@
 
 The tensorwise merge engine reads every input tensor exactly once. Memory-mapping a
 safetensors file and copying out of the mapping costs a page fault per 4 KiB (and, with
-``torch.stack`` over mapped tensors, far more: the stack was 70 % of an 8-model average); a
+``torch.stack`` over mapped tensors, far more: the stack was 60 % of an 8-model ViT-B average); a
 positioned read (``os.preadv``) of the tensor's byte range into a preallocated float32 buffer
 costs one system call per tensor and touches each byte once. Keys are visited in the order
 of their bytes in the first input's files, so every file is read front to back.
