@@ -13,8 +13,10 @@ import os
 import shlex
 from pathlib import Path
 
+from .errors import HFVitMergeError
 
-class PushError(RuntimeError):
+
+class PushError(HFVitMergeError, RuntimeError):
     """Uploading a merged model failed; the local folder is intact (see the message)."""
 
 
