@@ -166,6 +166,10 @@ def _run(args: argparse.Namespace) -> int:
             for s in list_suites():
                 print(f"{s['name']:<16} {s['init']:<12} {s['num_tasks']:>2} tasks  {s['description']}")
             return 0
+        if args.out:
+            from .checks import check_writable
+
+            check_writable(args.out, "--out")
         path = build_suite(
             args.suite, args.out, size=args.size, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite
         )
