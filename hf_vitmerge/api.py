@@ -50,7 +50,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} is a file, not a folder. Choose another --out.")
     # the merged folder is written next to ``out`` and moved into place: its parent must be writable
-    check_writable(out.parent if out.parent != Path("") else Path("."), f"output folder {out}:")
+    check_writable(out, "output folder", beside=True)
     return out
 
 

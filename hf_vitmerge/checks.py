@@ -34,16 +34,17 @@ def check_device(device: str | None, what: str = "--device") -> None:
         raise InputError(f"{what} {device!r}: unknown device; use cpu or cuda (cuda:N for one GPU).")
 
 
-def check_writable(path: str | os.PathLike, what: str) -> Path:
+def check_writable(path: str | os.PathLike, what: str, *, beside: bool = False) -> Path:
     """Refuse an output ``path`` (file or folder) that cannot be created or written.
 
-    Probes the nearest existing folder with a temporary file that is removed at once, so the
-    check also holds for root and read-only mounts; creates nothing that stays.
+    Probes the nearest existing folder (with ``beside``, the folder that will hold ``path``)
+    with a temporary file that is removed at once, so the check also holds for root and
+    read-only mounts; creates nothing that stays.
     """
     path = Path(path).expanduser()
-    if path.exists() and path.is_dir() and not os.access(path, os.W_OK):
+    if path.is_dir() and not beside and not os.access(path, os.W_OK):
         raise OutputError(f"{what} {path}: the folder is not writable. Choose another location.")
-    ancestor = path if path.is_dir() else path.parent
+    ancestor = path if path.is_dir() and not beside else path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():

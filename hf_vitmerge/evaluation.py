@@ -73,7 +73,8 @@ def _load(model_or_path, processor=None, trust_remote_code: bool = False):
         where = "folder" if local.is_dir() else "Hub model (not a folder here)"
         hint = "" if local.is_dir() else _folder_hint(path)
         raise ModelLoadError(
-            f"model {path!r} could not be loaded as a {where}: {text.splitlines()[0] if text else type(err).__name__}. "
+            f"model {path!r} could not be loaded as a {where}: "
+            f"{text.splitlines()[0].rstrip('.') if text else type(err).__name__}. "
             f"{hint}Check the path or id (offline: is it in the local Hugging Face cache?)."
         ) from err
     return model.eval(), processor

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from .arch import ViTAdapter
 from .config import MergeConfig, load_config
-from .data import TaskData, check_data_path, load_task_data
+from .data import DataError, TaskData, check_data_path, load_task_data
 from .errors import ConfigError, InputError
 from .loading import ModelSource, resolve_model
 from .methods import MethodSpec, get_method
@@ -92,14 +92,17 @@ class MergeContext:
             )
         cache_key = (index, split or entry.split)
         if cache_key not in self._data:
-            data = load_task_data(
-                entry.path,
-                split or entry.split,
-                image_column=entry.image_column,
-                label_column=entry.label_column,
-                revision=entry.revision,
-                num_labels=len(self.sources[index].labels),
-            )
+            try:
+                data = load_task_data(
+                    entry.path,
+                    split or entry.split,
+                    image_column=entry.image_column,
+                    label_column=entry.label_column,
+                    revision=entry.revision,
+                    num_labels=len(self.sources[index].labels),
+                )
+            except DataError as err:
+                raise DataError(f"models.{index} (model {self.sources[index].ref!r}): {err}") from None
             self._data[cache_key] = data.subset(self.config.calibration.samples_per_task, seed=self.seed)
         return self._data[cache_key]
 
