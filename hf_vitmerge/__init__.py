@@ -4,7 +4,8 @@ Public API::
 
     import hf_vitmerge as hv
     sources = hv.load_models(["org/vit-a", "./vit-b"], revisions=["v1", None])
-    model = hv.merge(["org/vit-a", "./vit-b"], method="task_arithmetic", base_model="org/vit-base", scaling=0.3)
+    model = hv.merge(["org/vit-a", "./vit-b"], method="task_arithmetic", base_model="org/vit-base", scaling=0.3,
+                     out_dir="merged")  # out_dir: also write the complete folder (weights, processor, card)
     run = hv.run_merge("examples/shapes-tasks-ties.yaml", "out/ties")
     scores = hv.evaluate_model("out/ties", "zoo/shapes-tasks/suite.json")
 """
@@ -14,7 +15,8 @@ __version__ = "0.1.0"
 from . import modeling  # noqa: E402,F401  (registers merged-model classes with the Auto classes)
 from .api import bench, demo, run_merge, suite_config  # noqa: E402
 from .arch import IncompatibleModelError, MergeGroup, ViTAdapter  # noqa: E402
-from .config import ConfigError, MergeConfig, load_config  # noqa: E402
+from .config import MergeConfig, load_config  # noqa: E402
+from .errors import ConfigError, HFVitMergeError, InputError, OutputError  # noqa: E402
 from .evaluation import evaluate_model, reference_results  # noqa: E402
 from .loading import ModelLoadError, ModelSource, load_models, resolve_model  # noqa: E402
 from .merging import MergeContext, MergeResult, merge  # noqa: E402
@@ -22,6 +24,9 @@ from .methods import available_methods, get_method, merge_method  # noqa: E402
 
 __all__ = [
     "ConfigError",
+    "HFVitMergeError",
+    "InputError",
+    "OutputError",
     "IncompatibleModelError",
     "MergeConfig",
     "MergeContext",

@@ -18,7 +18,9 @@ import psutil
 import yaml
 
 from . import __version__
+from .checks import check_device, check_writable
 from .config import MergeConfig, load_config
+from .errors import InputError, OutputExistsError
 from .merging import MergeContext, execute, prepare
 from .suite import Suite, load_suite
 
@@ -37,13 +39,18 @@ class MergeRun:
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output folder unless ``overwrite`` (checked before any work)."""
+    """Refuse an existing non-empty output folder unless ``overwrite``, and an output that cannot
+    be written (checked before any work; nothing is created)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output {out} already exists and is not empty. Choose another --out, or pass --overwrite "
             "(overwrite=True) to replace it."
         )
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} is a file, not a folder. Choose another --out.")
+    # the merged folder is written next to ``out`` and moved into place: its parent must be writable
+    check_writable(out, "output folder", beside=True)
     return out
 
 
@@ -110,6 +117,11 @@ def run_merge(
         updates["evaluation_suite"] = str(evaluation_suite)
     if updates:
         config = config.model_copy(update=updates)
+    check_device(config.device)
+    if push_to_hub:
+        _check_repo_id(push_to_hub)
+    if config.evaluation_suite:
+        load_suite(config.evaluation_suite)  # a bad suite path fails before the merge, not after it
     out = check_output_dir(out_dir, overwrite)
     state = _distributed_state(config.device)
     ctx = prepare(config, quiet=quiet or (state is not None and not state.is_main_process))
@@ -140,6 +152,17 @@ def run_merge(
 
         run.push_url = push_folder(out, push_to_hub, private=private)
     return run
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise InputError(
+            f"--push-to-hub {repo_id!r} is not a Hub repo id ({err}). Write it as `name` or `user/name`."
+        ) from None
 
 
 def _distributed_state(device: str):
@@ -219,11 +242,11 @@ def parse_methods(text: str) -> list[tuple[str, dict]]:
     for item in filter(str.strip, items):
         m = _METHOD_ITEM.match(item)
         if not m:
-            raise ValueError(f"cannot parse method {item!r}; write name or name[key=value;key=value]")
+            raise InputError(f"cannot parse method {item!r}; write name or name[key=value;key=value]")
         params = {}
         for kv in filter(str.strip, (m.group(2) or "").split(";")):
             if "=" not in kv:
-                raise ValueError(f"method {item!r}: parameter {kv!r} must be key=value")
+                raise InputError(f"method {item!r}: parameter {kv!r} must be key=value")
             k, v = kv.split("=", 1)
             params[k.strip()] = yaml.safe_load(v)
         out.append((m.group(1), params))
@@ -270,9 +293,9 @@ def parse_seeds(text: str | int | list[int] | tuple[int, ...]) -> list[int]:
     try:
         seeds = [int(s) for s in items]
     except (TypeError, ValueError):
-        raise ValueError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+        raise InputError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must list distinct integers such as 0,1,2, got {text!r}")
+        raise InputError(f"--seeds must list distinct integers such as 0,1,2, got {text!r}")
     return seeds
 
 
@@ -356,6 +379,10 @@ def bench(
     """
     from .evaluation import reference_results
 
+    check_device(device)
+    for path, what in ((json_path, "--json"), (markdown_path, "--markdown")):
+        if path:
+            check_writable(path, what)
     suite = load_suite(suite_path)
     seed_list = parse_seeds(seeds) if seeds is not None else [seed]
     items = parse_methods(methods) if isinstance(methods, str) else list(methods)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import InputError
+
 # role -> (4.x module path relative to a block, 5.x module path relative to a block)
 _BLOCK_MODULES: dict[str, tuple[str, str]] = {
     "ln1": ("layernorm_before", "layernorm_before"),
@@ -58,7 +60,7 @@ _ROLE_KIND = {
 }
 
 
-class IncompatibleModelError(ValueError):
+class IncompatibleModelError(InputError):
     """Raised when a model is not a ViT this library can merge, or models do not match."""
 
 
@@ -437,7 +439,8 @@ def check_compatible(adapters: Mapping[str, ViTAdapter]) -> None:
     for name in names[1:]:
         diff = ref.spec.differences(adapters[name].spec)
         if diff:
-            problems.append(f"{name} vs {ref_name}: " + ", ".join(diff))
+            # differences() lists this model's value first: name the models in the same order
+            problems.append(f"{ref_name!r} vs {name!r}: " + ", ".join(diff))
     if problems:
         raise IncompatibleModelError(
             "these models cannot be merged because their architectures differ:\n  "

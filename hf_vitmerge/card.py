@@ -17,6 +17,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .data import is_hub_dataset_id
+from .loading import ModelSource, weights_sha256
 from .merging import MergeContext, union_labels
 from .methods import get_method
 
@@ -24,16 +26,27 @@ TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 PLOT_NAME = "accuracy.png"
 
 
+def _provenance(src: ModelSource) -> dict:
+    """Where an input came from: a Hub repo at a commit, or a local folder identified by the
+    sha256 of its weight files (a folder path means nothing to a reader of the card)."""
+    if src.is_hub:
+        return {"model": src.ref, "revision": src.revision, "commit": src.commit}
+    return {"model": src.ref, "local": True, "weights_sha256": weights_sha256(src)}
+
+
+def _describe(prov: dict) -> str:
+    if not prov.get("local"):
+        return f"{prov.get('revision') or 'main'} (`{prov['commit']}`)"
+    shas = prov["weights_sha256"]
+    return "local folder; weights sha256 " + ", ".join(f"{name} `{sha}`" for name, sha in shas.items())
+
+
 def _inputs(ctx: MergeContext) -> list[dict]:
-    return [
-        {
-            "task": name,
-            "model": src.ref,
-            "revision": src.revision,
-            "commit": src.commit or f"local folder `{src.path}`",
-        }
-        for name, src in zip(ctx.task_names, ctx.sources, strict=True)
-    ]
+    rows = []
+    for name, src in zip(ctx.task_names, ctx.sources, strict=True):
+        prov = _provenance(src)
+        rows.append({"task": name, **prov, "source": _describe(prov)})
+    return rows
 
 
 def _method_specs(ctx: MergeContext) -> list:
@@ -96,38 +109,36 @@ def _labels(ctx: MergeContext) -> list[dict]:
     ]
 
 
+def _eval_datasets(ctx: MergeContext) -> dict[str, str]:
+    """Task name -> the Hub dataset id its test split came from, for tasks evaluated on one.
+
+    The model-index ``dataset.type`` must be a Hub dataset id; tasks evaluated on local data
+    (every zoo suite) are reported in the card's table and ``eval_results.json`` only.
+    """
+    if not ctx.config.evaluation_suite:
+        return {}
+    from .suite import load_suite
+
+    suite = load_suite(ctx.config.evaluation_suite)
+    return {t.name: str(t.test) for t in suite.tasks if is_hub_dataset_id(str(t.test))}
+
+
 def _eval_results(ctx: MergeContext, results: dict) -> list[EvalResult]:
-    data = {
-        name: (e.data.path if e.data else name)
-        for name, e in zip(ctx.task_names, ctx.config.models, strict=True)
-    }
+    datasets = _eval_datasets(ctx)
     out = []
     for task, acc in (results.get("per_task_accuracy") or {}).items():
-        if acc is None:
+        if acc is None or task not in datasets:
             continue
         out.append(
             EvalResult(
                 task_type="image-classification",
                 task_name="Image Classification",
-                dataset_type=str(data.get(task, task)),
+                dataset_type=datasets[task],
                 dataset_name=task,
                 dataset_split="test",
                 metric_type="accuracy",
                 metric_name="accuracy (task known)",
                 metric_value=float(acc),
-            )
-        )
-    if results.get("joint_accuracy") is not None:
-        out.append(
-            EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
-                dataset_type="union-of-task-test-splits",
-                dataset_name=f"all {len(ctx.task_names)} tasks, joint label space",
-                dataset_split="test",
-                metric_type="accuracy",
-                metric_name="joint accuracy (task unknown)",
-                metric_value=float(results["joint_accuracy"]),
             )
         )
     return out
@@ -202,11 +213,14 @@ def build_model_card(
 
     config = ctx.config
     spec = get_method(config.method) if config.method != "per_group" else None
-    refs = [s.ref for s in ctx.sources] + ([ctx.base.ref] if ctx.base is not None else [])
-    base_models = list(dict.fromkeys(refs))
+    # the Hub accepts only repo ids in `base_model`: local folders go to the body and the
+    # hf_vitmerge block, identified by the sha256 of their weights
+    hub_sources = [s for s in [*ctx.sources, *([ctx.base] if ctx.base is not None else [])] if s.is_hub]
+    base_models = list(dict.fromkeys(s.ref for s in hub_sources))
     inputs = _inputs(ctx)
+    base_prov = _provenance(ctx.base) if ctx.base is not None else None
     calibration = _calibration(ctx)
-    hub_datasets = sorted({row["path"] for row in calibration if not Path(row["path"]).expanduser().exists()})
+    hub_datasets = sorted({row["path"] for row in calibration if is_hub_dataset_id(row["path"])})
     parameters = json.loads(json.dumps(_parameters(ctx), default=str))  # plain YAML types only
     tags = ["hf_vitmerge", "merge", "vit", "image-classification", config.method]
     tags += [g.method for g in (config.groups or {}).values()]
@@ -214,7 +228,7 @@ def build_model_card(
     eval_results = _eval_results(ctx, results) if results else None
     card_data = ModelCardData(
         base_model=base_models or None,
-        base_model_relation="merge",
+        base_model_relation="merge" if base_models else None,
         pipeline_tag="image-classification",
         library_name="transformers",
         tags=tags,
@@ -228,13 +242,8 @@ def build_model_card(
             "parameters": parameters,
             "seed": config.seed,
             "heads": ctx.heads_mode,
-            "inputs": [
-                {k: row[k] for k in ("task", "model", "revision")} | {"commit": s.commit or str(s.path)}
-                for row, s in zip(inputs, ctx.sources, strict=True)
-            ],
-            "base_model": None
-            if ctx.base is None
-            else {"model": ctx.base.ref, "commit": ctx.base.commit or str(ctx.base.path)},
+            "inputs": [{k: v for k, v in row.items() if k != "source"} for row in inputs],
+            "base_model": base_prov,
             "calibration": [
                 {"task": r["task"], "data": r["path"], "split": r["split"], "samples": r["samples"]}
                 for r in calibration
@@ -256,7 +265,7 @@ def build_model_card(
         method_summary=spec.summary if spec else "a different method per layer group (see parameters)",
         reference=reference,
         base_model=ctx.base.ref if ctx.base is not None else None,
-        base_commit=(ctx.base.commit or f"local folder `{ctx.base.path}`") if ctx.base is not None else None,
+        base_commit=_describe(base_prov) if base_prov is not None else None,
         inputs=inputs,
         parameters={k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in parameters.items()},
         seed=config.seed,

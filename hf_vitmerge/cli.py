@@ -78,12 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quiet(p)
 
-    p = sub.add_parser("evaluate", help="per-task, joint and normalized accuracy of a model on a suite")
+    p = sub.add_parser(
+        "evaluate",
+        help="per-task, joint and normalized accuracy of a model on a suite",
+        description="Per-task, joint and normalized accuracy of a model folder or Hub id on a suite. "
+        "Code shipped inside a model folder or repo runs only with --trust-remote-code; the merged "
+        "model classes of hf_vitmerge itself are registered by the package and need no flag.",
+    )
     p.add_argument("model", help="model folder or Hub id")
     p.add_argument("--suite", required=True, help="suite.json")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running Python code shipped with the model (only for models you trust)",
+    )
     _add_quiet(p)
 
     p = sub.add_parser(
@@ -155,6 +166,10 @@ def _run(args: argparse.Namespace) -> int:
             for s in list_suites():
                 print(f"{s['name']:<16} {s['init']:<12} {s['num_tasks']:>2} tasks  {s['description']}")
             return 0
+        if args.out:
+            from .checks import check_writable
+
+            check_writable(args.out, "--out")
         path = build_suite(
             args.suite, args.out, size=args.size, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite
         )
@@ -193,8 +208,17 @@ def _run(args: argparse.Namespace) -> int:
             print(f"pushed to {run.push_url}")
         return 0
     if args.command == "evaluate":
+        from .checks import check_writable
+
+        if args.json:
+            check_writable(args.json, "--json")
         res = hv.evaluate_model(
-            args.model, args.suite, batch_size=args.batch_size, device=args.device, quiet=args.quiet
+            args.model,
+            args.suite,
+            batch_size=args.batch_size,
+            device=args.device,
+            quiet=args.quiet,
+            trust_remote_code=args.trust_remote_code,
         )
         res = {"model": args.model, "suite": args.suite, **res}
         text = json.dumps(res, indent=2)
@@ -221,8 +245,10 @@ def _run(args: argparse.Namespace) -> int:
         print(results_markdown(report))
         return 0
     if args.command == "inspect":
+        from .checks import check_writable
         from .diagnostics import inspect_models
 
+        check_writable(args.out, "--out")
         inspect_models(args.models, base=args.base, out_dir=args.out, topk=args.topk, quiet=args.quiet)
         for name in ("metrics.json", "metrics.md", "heatmap.png"):
             print(Path(args.out) / name)
@@ -231,19 +257,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .hub import PushError
+    """What the command line reports as a one-paragraph error: hf_vitmerge's own error classes
+    (bad input, bad config, failed push; see :mod:`hf_vitmerge.errors`). Anything else is a bug
+    and shows its traceback."""
+    from .errors import HFVitMergeError
 
-    return (
-        ValueError,
-        TypeError,
-        KeyError,
-        FileExistsError,
-        FileNotFoundError,
-        NotADirectoryError,
-        PermissionError,
-        OSError,
-        PushError,
-    )
+    return (HFVitMergeError,)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except _user_errors() as err:
         msg = str(err).strip() or type(err).__name__
-        if isinstance(err, KeyError) and msg.startswith("'"):
-            msg = msg.strip("'")
         print(f"hf-vitmerge {args.command}: error: " + textwrap.indent(msg, "  ").lstrip(), file=sys.stderr)
         if os.environ.get("HF_VITMERGE_DEBUG"):
             raise

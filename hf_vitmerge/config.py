@@ -13,9 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A merge config is invalid; the message names the key and what to do."""
+from .errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -79,6 +77,23 @@ class MergeConfig(_Strict):
             return [{"model": v} if isinstance(v, (str, os.PathLike)) else v for v in value]
         return value
 
+    @field_validator("models", mode="after")
+    @classmethod
+    def _at_least_two_distinct(cls, models: list[ModelEntry]) -> list[ModelEntry]:
+        if len(models) < 2:
+            given = f"only {models[0].model!r}" if models else "none"
+            raise ValueError(f"a merge needs at least two models, got {given}; list every model to merge")
+        seen: dict[tuple, str] = {}
+        for entry in models:
+            key = (_model_key(entry.model), entry.revision or "main")
+            if key in seen:
+                raise ValueError(
+                    f"model {entry.model!r} is listed twice (also as {seen[key]!r}); merging a model with "
+                    "itself changes nothing: list each model once"
+                )
+            seen[key] = entry.model
+        return models
+
     @model_validator(mode="after")
     def _check_method(self) -> MergeConfig:
         from .methods import available_methods, get_method
@@ -113,6 +128,12 @@ class MergeConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=False), sort_keys=False)
+
+
+def _model_key(ref: str) -> str:
+    """Local folders by their resolved path (``./a`` and ``a/`` are one model), Hub ids as given."""
+    local = Path(ref).expanduser()
+    return str(local.resolve()) if local.exists() else ref.rstrip("/")
 
 
 def _format_error(err: ValidationError, origin: str) -> str:

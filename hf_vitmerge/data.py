@@ -4,14 +4,17 @@ preprocessed with each model's own image processor."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """Task data is missing, empty or does not match its model."""
 
 
@@ -32,7 +35,9 @@ class TaskData:
         """The first ``n`` examples of a seeded shuffle (all if ``n`` is None or larger)."""
         if n is None or n >= len(self.dataset):
             return self
-        ds = self.dataset.shuffle(seed=seed).select(range(n))
+        # in memory: shuffle/select would otherwise write cache-*.arrow index files next to the
+        # user's dataset (and fail on a read-only folder)
+        ds = self.dataset.shuffle(seed=seed, keep_in_memory=True).select(range(n), keep_in_memory=True)
         return TaskData(ds, self.image_column, self.label_column, self.source, self.split)
 
     def labels(self) -> torch.Tensor:
@@ -77,9 +82,14 @@ def load_task_data(
         if local.is_dir() and _is_saved_dataset(local):
             ds = datasets.load_from_disk(str(local))
         elif local.is_dir():
-            ds = datasets.load_dataset("imagefolder", data_dir=str(local))
-        elif path_str.startswith((".", "/", "~")):
-            raise DataError(f"dataset folder {path_str!r} does not exist")
+            # the arrow cache goes to hf_vitmerge's cache, never into the user's image folder
+            ds = datasets.load_dataset("imagefolder", data_dir=str(local), cache_dir=str(datasets_cache()))
+        elif local.exists():
+            raise DataError(f"dataset {path_str!r} is a file; give a dataset folder or a Hub dataset id")
+        elif looks_like_local_path(path_str):
+            raise DataError(
+                f"dataset folder {path_str!r} does not exist. {_folder_hint(path_str)}Check the path."
+            )
         else:
             ds = datasets.load_dataset(path_str, revision=revision)
     except DataError:
@@ -113,6 +123,47 @@ def load_task_data(
                 f"of range for a model with {num_labels} labels. Map the dataset's labels to the model's id2label."
             )
     return data
+
+
+def datasets_cache() -> Path:
+    """Where hf_vitmerge lets ``datasets`` write its cache files (``$HF_VITMERGE_CACHE/datasets``)."""
+    root = os.environ.get("HF_VITMERGE_CACHE") or Path.home() / ".cache" / "hf_vitmerge"
+    return Path(root) / "datasets"
+
+
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def is_hub_dataset_id(path: str) -> bool:
+    """``name`` or ``org/name`` that is not a local file or folder."""
+    return bool(_HUB_DATASET_ID.match(path)) and not Path(path).expanduser().exists()
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A path that cannot be a Hub dataset id, or one whose first folder exists here (``data/taks0``)."""
+    if path.startswith((".", "/", "~")) or not _HUB_DATASET_ID.match(path):
+        return True
+    return "/" in path and Path(path.split("/", 1)[0]).is_dir()
+
+
+def check_data_path(path: str, what: str) -> None:
+    """Early check of a data path (before any model is loaded): a local path must exist."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise DataError(f"{what}: dataset {path!r} is a file; give a dataset folder or a Hub dataset id")
+        return
+    if looks_like_local_path(path):
+        raise DataError(
+            f"{what}: dataset folder {path!r} does not exist. {_folder_hint(path)}"
+            "Check the path (relative paths are read from the current folder)."
+        )
+
+
+def _folder_hint(path: str) -> str:
+    from .loading import _folder_hint as hint
+
+    return hint(path)
 
 
 def _is_saved_dataset(folder: Path) -> bool:

@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError
+
 PAIR_METRICS = ("l2", "cosine", "ssd", "tssd")
 ALL_METRICS = (*PAIR_METRICS, "ssd_all", "tssd_all")
 METRIC_INFO = {
@@ -285,7 +287,7 @@ def inspect_models(
 
     _check_topk(topk)
     if len(models) < 2:
-        raise ValueError(f"inspect needs at least two models to compare, got {len(models)}")
+        raise InputError(f"inspect needs at least two models to compare, got {len(models)}")
     revs = list(revisions) if revisions is not None else [None] * len(models)
     sources = [resolve_model(m, r) for m, r in zip(models, revs, strict=True)]
     base_src = resolve_model(base, base_revision) if base is not None else None
@@ -534,7 +536,7 @@ def pairwise_mergeability(
     base = str(suite.base_model) if suite.base_model else None
     for method in methods:
         if get_method(method).needs_base and base is None:
-            raise ValueError(f"method {method!r} needs a base model, but suite {suite.name!r} has none")
+            raise InputError(f"method {method!r} needs a base model, but suite {suite.name!r} has none")
     rows = []
     for i, j in itertools.combinations(range(len(suite.tasks)), 2):
         row = _pair_row(

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import load_task_data
+from .errors import InputError
 from .suite import Suite, SuiteTask, load_suite
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "vitmerge_accuracy"
@@ -41,16 +42,42 @@ def _as_suite(suite: Suite | str | os.PathLike) -> Suite:
     return suite if isinstance(suite, Suite) else load_suite(suite)
 
 
-def _load(model_or_path, processor=None):
+def _load(model_or_path, processor=None, trust_remote_code: bool = False):
+    """A model object as it is, or a folder / Hub id loaded with the Auto classes.
+
+    Code shipped with the model runs only with ``trust_remote_code``; hf_vitmerge's own merged
+    classes are registered with the Auto classes on import and load without it.
+    """
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from . import modeling  # noqa: F401  (registers custom merged-model classes)
+    from .loading import ModelLoadError, _folder_hint, _looks_like_path
 
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path, processor
     path = str(model_or_path)
-    model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)
-    return model.eval(), processor or AutoImageProcessor.from_pretrained(path)
+    local = Path(path).expanduser()
+    if not local.is_dir() and (_looks_like_path(path) or local.exists()):
+        what = "is a file, not a model folder" if local.exists() else "does not exist"
+        raise ModelLoadError(f"model folder {path!r} {what}. {_folder_hint(path)}Check the path.")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = processor or AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        text = str(err)
+        if "trust_remote_code" in text:
+            raise ModelLoadError(
+                f"model {path!r} ships its own Python code, which runs only on request. If you trust it, "
+                "pass --trust-remote-code (Python: trust_remote_code=True)."
+            ) from None
+        where = "folder" if local.is_dir() else "Hub model (not a folder here)"
+        hint = "" if local.is_dir() else _folder_hint(path)
+        raise ModelLoadError(
+            f"model {path!r} could not be loaded as a {where}: "
+            f"{text.splitlines()[0].rstrip('.') if text else type(err).__name__}. "
+            f"{hint}Check the path or id (offline: is it in the local Hugging Face cache?)."
+        ) from err
+    return model.eval(), processor
 
 
 @torch.inference_mode()
@@ -169,6 +196,7 @@ def evaluate_model(
     device: str = "cpu",
     quiet: bool = True,
     normalize: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Evaluate a model (object or folder/Hub id) on a suite's test splits.
 
@@ -176,13 +204,16 @@ def evaluate_model(
     counts their examples as errors. ``processor`` defaults to the model folder's processor,
     or to the first task model's for an in-memory model.
     """
+    from .checks import check_device
+
+    check_device(device)
     suite = _as_suite(suite)
     chosen = [suite.task(n) for n in tasks] if tasks else list(suite.tasks)
     if processor is None and isinstance(model_or_path, torch.nn.Module):
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(chosen[0].model)
-    model, processor = _load(model_or_path, processor)
+    model, processor = _load(model_or_path, processor, trust_remote_code=trust_remote_code)
     labels = _model_labels(model)
     metric = load_metric()
     preds, refs, task_ids, joint_hits = [], [], [], []
@@ -207,7 +238,7 @@ def evaluate_model(
                 pred_col = joint_cols[joint_predictions([logits[:, b] for b in blocks])]
                 joint_hits.append((pred_col == torch.tensor(pos)[y]).float())
     if not covered:
-        raise ValueError(
+        raise InputError(
             f"the model's labels ({labels[:5]}...) match none of the tasks of suite {suite.name!r}: "
             "is it a model for this suite?"
         )

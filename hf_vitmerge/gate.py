@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .modeling.gated import TaskGate, TaskGateConfig
 
 __all__ = ["TaskGate", "TaskGateConfig", "gate_pixels", "load_gate", "train_gate", "trainer_arguments"]
@@ -96,7 +97,7 @@ def _split(pixels: list[torch.Tensor], fraction: float, seed: int):
     train_x, train_y, val_x, val_y = [], [], [], []
     for task, x in enumerate(pixels):
         if len(x) < 2:
-            raise ValueError(f"gated: task {task} has {len(x)} image(s); the gate needs at least 2 per task")
+            raise InputError(f"gated: task {task} has {len(x)} image(s); the gate needs at least 2 per task")
         order = torch.randperm(len(x), generator=gen)
         n_val = min(len(x) - 1, max(1, round(fraction * len(x)))) if fraction > 0 else 0
         val_x.append(x[order[:n_val]])
@@ -172,10 +173,10 @@ def load_gate(path: str | Path, task_names: Sequence[str]) -> TaskGate:
     """Load a trained gate (a folder saved with ``gate.save_pretrained``) for these tasks."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise ValueError(f"gated: `gate: {path}` is not a folder holding a saved TaskGate (config.json)")
+        raise InputError(f"gated: `gate: {path}` is not a folder holding a saved TaskGate (config.json)")
     gate = TaskGate.from_pretrained(folder)
     if list(gate.config.task_names) != list(task_names):
-        raise ValueError(
+        raise InputError(
             f"gated: the gate in {path} was trained for tasks {gate.config.task_names}, but this merge has "
             f"tasks {list(task_names)} (same order needed). Train a new gate by removing `gate:`."
         )

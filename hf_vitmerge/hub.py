@@ -13,8 +13,10 @@ import os
 import shlex
 from pathlib import Path
 
+from .errors import HFVitMergeError
 
-class PushError(RuntimeError):
+
+class PushError(HFVitMergeError, RuntimeError):
     """Uploading a merged model failed; the local folder is intact (see the message)."""
 
 
@@ -51,11 +53,16 @@ def push_folder(
             repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message
         )
     except _push_errors() as err:
+        metadata = "Invalid metadata" in str(err)
+        advice = (
+            "Fix the metadata of its model card (README.md front matter)"
+            if metadata
+            else "Check your network and token (`hf auth login`, or HF_TOKEN with write access)"
+        )
         raise PushError(
             f"pushing {folder} to the Hub repo {repo_id!r} at {api.endpoint} failed: "
-            f"{type(err).__name__}: {_first_line(err)}\n"
-            f"The merged model is intact at {folder.resolve()}. Check your network and token "
-            "(`hf auth login`, or HF_TOKEN with write access), then retry with:\n"
+            f"{type(err).__name__}: {_reason(err, lines=6 if metadata else 1)}\n"
+            f"The merged model is intact at {folder.resolve()}. {advice}, then retry with:\n"
             f"  {retry_command(folder, repo_id, private)}"
         ) from err
     return str(info.commit_url)
@@ -76,6 +83,7 @@ def _push_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _first_line(err: BaseException) -> str:
+def _reason(err: BaseException, lines: int = 1) -> str:
+    """The first ``lines`` lines of the error (the Hub lists each metadata problem on its own line)."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else "(no message)"
+    return "\n".join(text.splitlines()[:lines]) if text else "(no message)"

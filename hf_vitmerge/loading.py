@@ -19,11 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .arch import IncompatibleModelError, ViTAdapter, check_compatible
+from .errors import InputError
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.md", "*.py", "*.txt"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A model could not be found, read or validated."""
 
 
@@ -91,6 +92,10 @@ class TensorReader:
 
     def keys(self) -> list[str]:
         return list(self._where)
+
+    def file_key(self, key: str) -> str:
+        """The name a canonical tensor has in the checkpoint file (what the user can look up)."""
+        return self._where[key][1]
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -179,8 +184,9 @@ def resolve_model(
                 f"model {ref_str!r} is a local folder: a revision ({revision!r}) cannot apply"
             )
         path = local
-    elif _looks_like_path(ref_str):
-        raise ModelLoadError(f"model folder {ref_str!r} does not exist. Check the path.")
+    elif _looks_like_path(ref_str) or local.exists():
+        what = "is a file, not a model folder" if local.exists() else "does not exist"
+        raise ModelLoadError(f"model folder {ref_str!r} {what}. {_folder_hint(ref_str)}Check the path.")
     else:
         path, commit = _download(ref_str, revision)
     if not (path / "config.json").is_file():
@@ -211,6 +217,7 @@ def resolve_model(
 def _validate_weights(source: ModelSource) -> None:
     adapter = source.adapter
     reader = TensorReader(source)
+    _check_finite(source, reader)
     missing = [k for k in adapter.keys if k not in reader]
     if missing:
         raise ModelLoadError(
@@ -231,6 +238,60 @@ def _validate_weights(source: ModelSource) -> None:
             )
 
 
+_FINITE_CHECKED: set[tuple] = set()  # weight files (path, size, mtime) already found finite
+
+
+def _check_finite(source: ModelSource, reader: TensorReader) -> None:
+    """Refuse NaN or infinite weights (they would spread silently into every merged tensor)."""
+    files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in source.weight_files()]
+    if all(f in _FINITE_CHECKED for f in files):
+        return
+    try:
+        for key in list(reader._where):
+            tensor = reader.get(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ModelLoadError(
+                    f"model {source.ref!r}: tensor {reader.file_key(key)!r} holds {bad} NaN or infinite "
+                    f"value(s) out of {tensor.numel()}. Merging it would spread them into the merged model; "
+                    "use a checkpoint whose weights are all finite (was it saved after a diverged training run?)."
+                )
+    finally:
+        reader.close()
+    _FINITE_CHECKED.update(files)
+
+
+def weights_sha256(source: ModelSource) -> dict[str, str]:
+    """``{file name: sha256}`` of a model's weight files (what the model card records for local inputs)."""
+    import hashlib
+
+    out = {}
+    for file in source.weight_files():
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(2**22), b""):
+                digest.update(chunk)
+        out[file.name] = digest.hexdigest()
+    return out
+
+
+def _folder_hint(ref: str) -> str:
+    """For a path that is not there: what its parent folder does hold (catches typos like models/taks0)."""
+    import difflib
+
+    path = Path(ref).expanduser()
+    parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
+    if not parent.is_dir():
+        return ""
+    names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    close = difflib.get_close_matches(path.name, names, n=3)
+    if close:
+        return f"Did you mean {', '.join(repr(str(parent / c)) for c in close)}? "
+    if parent != Path("."):
+        return f"Folder {str(parent)!r} exists but holds no {path.name!r}. "
+    return ""
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -248,12 +309,13 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:
     except RepositoryNotFoundError as err:
         raise ModelLoadError(
             f"model {repo_id!r} is neither a local folder nor a Hub repository you can access. "
-            "Check the id, or log in with `hf auth login` for private repos."
+            f"{_folder_hint(repo_id)}Check the path or id, or log in with `hf auth login` for private repos."
         ) from err
     except LocalEntryNotFoundError as err:
         raise ModelLoadError(
-            f"model {repo_id!r} (revision {revision or 'main'}) is not in the local Hugging Face cache and the Hub "
-            "cannot be reached (offline?). Download it once with network access, or pass a local folder."
+            f"model {repo_id!r} is not a folder here, and as a Hub id (revision {revision or 'main'}) it is "
+            f"not in the local Hugging Face cache and the Hub cannot be reached (offline?). {_folder_hint(repo_id)}"
+            "Pass an existing local folder, or download the Hub model once with network access."
         ) from err
     except (HfHubHTTPError, ValueError, OSError) as err:
         raise ModelLoadError(
@@ -277,13 +339,17 @@ def load_models(
     With ``load_weights`` each source's model is loaded (``source.load_model()``).
     """
     refs = [str(m) for m in models]
+    if isinstance(models, (str, os.PathLike)):
+        raise InputError(
+            f"models must be a list of model ids or folders, got the single string {str(models)!r}"
+        )
     if not refs:
-        raise ValueError("no models given: pass at least one model id or folder")
+        raise InputError("no models given: pass at least one model id or folder")
     if isinstance(revisions, dict):
         revs = [revisions.get(r) for r in refs]
     elif isinstance(revisions, (list, tuple)):
         if len(revisions) != len(refs):
-            raise ValueError(f"got {len(revisions)} revisions for {len(refs)} models")
+            raise InputError(f"got {len(revisions)} revisions for {len(refs)} models: give one per model")
         revs = list(revisions)
     else:
         revs = [revisions] * len(refs)

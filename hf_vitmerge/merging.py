@@ -6,6 +6,7 @@ evaluation, the model card, atomic saving and ``push_to_hub``.
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from .arch import ViTAdapter
 from .config import MergeConfig, load_config
-from .data import TaskData, load_task_data
+from .data import DataError, TaskData, check_data_path, load_task_data
+from .errors import ConfigError, InputError
 from .loading import ModelSource, resolve_model
 from .methods import MethodSpec, get_method
 
@@ -71,6 +74,11 @@ class MergeContext:
     def models(self) -> list[torch.nn.Module]:
         return [s.load_model() for s in self.sources]
 
+    def release_models(self) -> None:
+        """Drop the input models loaded for the merge (their memory goes back once the merge is done)."""
+        for s in [*self.sources, *([self.base] if self.base is not None else [])]:
+            s._model = None
+
     def generator(self, key: str = "") -> torch.Generator:
         """A generator seeded by the merge seed and a name, independent of call order."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
@@ -79,19 +87,23 @@ class MergeContext:
         """Calibration data of model ``index`` (``samples_per_task`` examples, seeded)."""
         entry = self.config.models[index].data
         if entry is None:
-            raise ValueError(
+            raise ConfigError(
                 f"method {self.config.method!r} needs calibration data, but model "
                 f"{self.sources[index].ref!r} has no `data:` entry in the config. Add one per model."
             )
         cache_key = (index, split or entry.split)
         if cache_key not in self._data:
-            data = load_task_data(
-                entry.path,
-                split or entry.split,
-                image_column=entry.image_column,
-                label_column=entry.label_column,
-                revision=entry.revision,
-            )
+            try:
+                data = load_task_data(
+                    entry.path,
+                    split or entry.split,
+                    image_column=entry.image_column,
+                    label_column=entry.label_column,
+                    revision=entry.revision,
+                    num_labels=len(self.sources[index].labels),
+                )
+            except DataError as err:
+                raise DataError(f"models.{index} (model {self.sources[index].ref!r}): {err}") from None
             self._data[cache_key] = data.subset(self.config.calibration.samples_per_task, seed=self.seed)
         return self._data[cache_key]
 
@@ -174,7 +186,7 @@ def _task_names(config: MergeConfig, sources: list[ModelSource]) -> list[str]:
     explicit = [e.task for e in config.models if e.task]
     dup = sorted({n for n in explicit if explicit.count(n) > 1})
     if dup:
-        raise ValueError(
+        raise ConfigError(
             f"task names {dup} are used by more than one model; give each model a distinct `task:`"
         )
     names: list[str] = []
@@ -192,7 +204,7 @@ def resolve_heads(mode: str, label_lists: list[list[str]]) -> str:
     if mode == "auto":
         return "shared" if same else "union"
     if mode == "shared" and not same:
-        raise ValueError(
+        raise ConfigError(
             "heads: shared needs every model to have the same labels (id2label), but they differ. "
             "Use `heads: union` or `heads: multi` for models with their own label spaces."
         )
@@ -212,20 +224,59 @@ def union_labels(task_names: list[str], label_lists: list[list[str]]) -> list[st
 
 
 def prepare(config: MergeConfig | dict | str, quiet: bool = False) -> MergeContext:
-    """Load config and models; no merging yet."""
-    config = load_config(config)
-    from .arch import check_compatible
+    """Load config and models; no merging yet.
 
+    Everything that can be known before the expensive work is checked here, cheapest first:
+    the device, every data path, the models (config, weights present and finite, compatible),
+    the heads, and, for methods that use data, each task's calibration split (columns, labels
+    in range for its model).
+    """
+    from .arch import check_compatible
+    from .checks import check_device
+
+    config = load_config(config)
+    check_device(config.device)
+    for i, entry in enumerate(config.models):
+        if entry.data is not None:
+            check_data_path(entry.data.path, f"models.{i}.data.path")
     sources = [resolve_model(m.model, m.revision) for m in config.models]
     base = resolve_model(config.base_model, config.base_revision) if config.base_model else None
+    _check_distinct(sources, base)
     check_compatible({s.ref: s.adapter for s in sources + ([base] if base else [])})
     names = _task_names(config, sources)
     for s, n in zip(sources, names, strict=True):
         s.name = n
     heads_mode = resolve_heads(config.heads, [s.labels for s in sources])
-    return MergeContext(
+    ctx = MergeContext(
         config=config, sources=sources, base=base, task_names=names, heads_mode=heads_mode, quiet=quiet
     )
+    if _needs_data(config):
+        for i, entry in enumerate(config.models):
+            if entry.data is not None:
+                ctx.calibration_data(i)  # cached on the context; fails here, not mid-merge
+    return ctx
+
+
+def _needs_data(config: MergeConfig) -> bool:
+    names = [config.method] + [g.method for g in (config.groups or {}).values()]
+    return any(get_method(n).needs_data for n in names if n != "per_group")
+
+
+def _check_distinct(sources: list[ModelSource], base: ModelSource | None) -> None:
+    """The same folder (or Hub snapshot) twice, under two spellings, is one model merged with itself."""
+    seen: dict[Path, str] = {}
+    for s in sources:
+        key = s.path.resolve()
+        if key in seen:
+            raise InputError(
+                f"models {seen[key]!r} and {s.ref!r} are the same model ({key}); list each model once"
+            )
+        seen[key] = s.ref
+    if base is not None and base.path.resolve() in seen:
+        raise InputError(
+            f"base_model {base.ref!r} is also listed as a model to merge ({seen[base.path.resolve()]!r}); "
+            "the base model is the pre-trained starting point, not one of the fine-tuned inputs"
+        )
 
 
 def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
@@ -248,6 +299,7 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     info.update(ctx.timings)
     model = result.model if result.model is not None else assemble(ctx, result)
     model.eval()
+    ctx.release_models()
     return model, info
 
 
@@ -384,7 +436,7 @@ def _empty_model(cls, config) -> torch.nn.Module:
 
 
 def merge(
-    models: Sequence[str] | MergeConfig | dict | str,
+    models: Sequence[str | os.PathLike] | MergeConfig | dict | str | os.PathLike,
     method: str = "average",
     *,
     base_model: str | None = None,
@@ -395,45 +447,88 @@ def merge(
     seed: int = 0,
     device: str = "cpu",
     calibration: dict | None = None,
+    out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     quiet: bool = False,
     **parameters,
-) -> torch.nn.Module:
-    """Merge ViTs and return the merged model (not saved).
+) -> PreTrainedModel:
+    """Merge ViTs and return the merged model, a ``transformers.PreTrainedModel``.
 
-    ``models`` is a list of Hub ids / folders, or a whole config (dict, YAML path,
-    ``MergeConfig``), in which case the other arguments are ignored. Method parameters are
-    passed as keyword arguments, e.g. ``merge(ids, "task_arithmetic", base_model=b, scaling=0.4)``.
-    The returned model carries ``merge_info`` (timings and method facts).
+    ``models`` is a list of at least two Hub ids / folders, or a whole config (dict, YAML
+    path, ``MergeConfig``), in which case the other merge arguments are ignored. Method
+    parameters are keyword arguments, e.g. ``merge(ids, "task_arithmetic", base_model=b,
+    scaling=0.4)``. ``revisions``, ``tasks`` and ``data`` are lists parallel to ``models``.
+
+    With ``out_dir`` the complete model folder is written too, atomically (weights, config,
+    image processor, ``merge_config.yaml`` and the model card), ready for
+    ``pipeline("image-classification", model=out_dir)``; an existing non-empty folder is
+    refused unless ``overwrite``. The input models are released when the merge is done; the
+    result carries only ``merge_info`` (timings and method facts).
     """
-    if isinstance(models, (MergeConfig, dict)) or (
-        isinstance(models, (str, Path)) and str(models).endswith((".yaml", ".yml"))
-    ):
-        config = load_config(models)
+    config = _merge_config(
+        models, method, base_model, revisions, tasks, data, heads, seed, device, calibration, parameters
+    )
+    if out_dir is None:
+        ctx = prepare(config, quiet=quiet)
+        model, info = execute(ctx)
     else:
-        entries = []
-        for i, ref in enumerate(models):
-            entry: dict = {"model": str(ref)}
-            if revisions is not None:
-                entry["revision"] = revisions[i]
-            if tasks is not None:
-                entry["task"] = tasks[i]
-            if data is not None and data[i] is not None:
-                entry["data"] = {"path": data[i]} if isinstance(data[i], str) else data[i]
-            entries.append(entry)
-        config = load_config(
-            {
-                "method": method,
-                "base_model": base_model,
-                "models": entries,
-                "parameters": parameters,
-                "heads": heads,
-                "seed": seed,
-                "device": device,
-                "calibration": calibration or {},
-            }
-        )
-    ctx = prepare(config, quiet=quiet)
-    model, info = execute(ctx)
+        from .api import run_merge
+
+        run = run_merge(config, out_dir, overwrite=overwrite, quiet=quiet)
+        model, info = run.model, run.info
     model.merge_info = info
-    model.merge_context = ctx
     return model
+
+
+def _merge_config(
+    models, method, base_model, revisions, tasks, data, heads, seed, device, calibration, parameters
+):
+    """The validated config of a ``merge()`` call (argument errors name the argument)."""
+    if isinstance(models, (MergeConfig, dict)) or (
+        isinstance(models, (str, os.PathLike)) and str(models).endswith((".yaml", ".yml"))
+    ):
+        return load_config(models)
+    if isinstance(models, (str, os.PathLike)):
+        raise InputError(
+            f"merge(models=...) got the single string {str(models)!r}: pass a list of at least two model ids "
+            f"or folders, e.g. merge([{str(models)!r}, 'other/model'], ...), or a config (YAML path, dict)"
+        )
+    if not isinstance(models, Sequence):
+        raise InputError(
+            f"merge(models=...) must be a list of model ids or folders, got {type(models).__name__}"
+        )
+    models = list(models)
+    if len(models) < 2:
+        raise InputError(f"merge() needs at least two models to merge, got {len(models)}: {models}")
+    for name, values in (("revisions", revisions), ("tasks", tasks), ("data", data)):
+        if values is None:
+            continue
+        if isinstance(values, (str, os.PathLike, dict)) or not isinstance(values, Sequence):
+            raise InputError(f"merge({name}=...) must be a list with one entry per model, got {values!r}")
+        if len(values) != len(models):
+            raise InputError(
+                f"merge() got {len(values)} {name} for {len(models)} models: give one per model "
+                f"(None where there is none)"
+            )
+    entries = []
+    for i, ref in enumerate(models):
+        entry: dict = {"model": str(ref)}
+        if revisions is not None:
+            entry["revision"] = revisions[i]
+        if tasks is not None:
+            entry["task"] = tasks[i]
+        if data is not None and data[i] is not None:
+            entry["data"] = {"path": str(data[i])} if isinstance(data[i], (str, os.PathLike)) else data[i]
+        entries.append(entry)
+    return load_config(
+        {
+            "method": method,
+            "base_model": base_model,
+            "models": entries,
+            "parameters": parameters,
+            "heads": heads,
+            "seed": seed,
+            "device": device,
+            "calibration": calibration or {},
+        }
+    )

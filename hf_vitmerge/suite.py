@@ -7,8 +7,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
 
-class SuiteError(ValueError):
+
+class SuiteError(InputError):
     """A suite.json is missing or malformed."""
 
 

@@ -5,7 +5,8 @@ Endpoints (read from huggingface_hub's ``hf_api.py``, ``_commit_api.py`` and ``l
 
 * ``POST /api/repos/create``                          create a repo (409 if it exists)
 * ``GET  /api/models/{repo}``                          repo info (used by create_repo on 401/403)
-* ``POST /api/validate-yaml``                          README front matter check (really parses it)
+* ``POST /api/validate-yaml``                          README front matter check: parses it and applies
+                                                      the Hub's metadata rules (:func:`validate_metadata`)
 * ``POST /api/models/{repo}/preupload/{rev}``          says "lfs" for large / ``*.safetensors`` files
 * ``POST /{repo}.git/info/lfs/objects/batch``          LFS batch API, "basic" transfer to this server
 * ``PUT  /lfs-objects/{oid}``                          LFS upload (sha256 checked)
@@ -40,6 +41,7 @@ class HubServer:
         self.repos: dict[str, dict] = {}
         self.lfs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
+        self.validated: list[tuple[dict, list[str]]] = []  # (front matter, errors) of each validate-yaml
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -175,6 +177,11 @@ def _make_handler(hub: HubServer):
                     "error": "Invalid YAML",
                     "errors": [{"message": "front matter is not a mapping"}],
                 }
+            errors = validate_metadata(meta or {})
+            with hub.lock:
+                hub.validated.append((meta or {}, errors))
+            if errors:
+                return 400, {"error": "Invalid metadata", "errors": [{"message": e} for e in errors]}
             return 200, {"errors": [], "warnings": []}
 
         def preupload(self, body: bytes, repo: str, rev: str) -> tuple[int, dict]:
@@ -245,6 +252,95 @@ def _make_handler(hub: HubServer):
             return 200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid, "success": True}
 
     return Handler
+
+
+# ----------------------------------------------------------------------------- metadata rules
+# What the Hub checks when a README.md is uploaded (its validate-yaml endpoint), as documented in
+# https://huggingface.co/docs/hub/model-cards (metadata spec) and the model-index spec in
+# huggingface/hub-docs modelcard.md: `base_model` holds Hub model ids only (a local path is
+# rejected), `base_model_relation` is one of four words, `datasets` are Hub dataset ids, and
+# every model-index result has a task type, a dataset type (a dataset id) and name, and metrics
+# with a type and a value.
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
+def is_repo_id(value) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) <= 96
+        and bool(_REPO_ID.match(value))
+        and ".." not in value
+        and "--" not in value
+        and not value.endswith((".", "-"))
+    )
+
+
+def _ids(meta: dict, key: str, kind: str) -> list[str]:
+    value = meta.get(key)
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [
+        f'"{key}" with value "{v}" is not valid. It must be a {kind} id from the Hub, such as "org/name".'
+        for v in values
+        if not is_repo_id(v)
+    ]
+
+
+def validate_metadata(meta: dict) -> list[str]:
+    """The error messages the Hub would give for this front matter (empty when it is accepted)."""
+    errors = _ids(meta, "base_model", "model") + _ids(meta, "datasets", "dataset")
+    relation = meta.get("base_model_relation")
+    if relation is not None and relation not in RELATIONS:
+        errors.append(f'"base_model_relation" must be one of {", ".join(RELATIONS)}, got "{relation}"')
+    for key in ("tags", "metrics"):
+        if key in meta and not (isinstance(meta[key], list) and all(isinstance(x, str) for x in meta[key])):
+            errors.append(f'"{key}" must be a list of strings')
+    if "model-index" in meta:
+        errors += _model_index_errors(meta["model-index"])
+    return errors
+
+
+def _model_index_errors(index) -> list[str]:
+    if not isinstance(index, list) or not index:
+        return ['"model-index" must be a non-empty list']
+    errors = []
+    for i, entry in enumerate(index):
+        where = f"model-index[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            errors.append(f'"{where}.name" is required (a string)')
+            continue
+        results = entry.get("results")
+        if not isinstance(results, list) or not results:
+            errors.append(f'"{where}.results" must be a non-empty list')
+            continue
+        for j, res in enumerate(results):
+            at = f"{where}.results[{j}]"
+            if not isinstance(res, dict):
+                errors.append(f'"{at}" must be a mapping')
+                continue
+            if not isinstance((res.get("task") or {}).get("type"), str):
+                errors.append(f'"{at}.task.type" is required')
+            dataset = res.get("dataset") or {}
+            if not isinstance(dataset.get("name"), str):
+                errors.append(f'"{at}.dataset.name" is required')
+            if not is_repo_id(dataset.get("type")):
+                errors.append(
+                    f'"{at}.dataset.type" must be a dataset id from the Hub, got "{dataset.get("type")}"'
+                )
+            metrics = res.get("metrics")
+            if not isinstance(metrics, list) or not metrics:
+                errors.append(f'"{at}.metrics" must be a non-empty list')
+                continue
+            for k, metric in enumerate(metrics):
+                if (
+                    not isinstance(metric, dict)
+                    or not isinstance(metric.get("type"), str)
+                    or "value" not in metric
+                ):
+                    errors.append(f'"{at}.metrics[{k}]" needs a "type" and a "value"')
+    return errors
 
 
 def _sha(repo: str, n: int) -> str:

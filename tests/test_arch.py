@@ -140,7 +140,9 @@ def test_check_compatible_names_models_and_fields():
     with pytest.raises(IncompatibleModelError) as err:
         check_compatible({"model-a": a, "model-b": b, "model-c": c})
     msg = str(err.value)
-    assert "model-b" in msg and "hidden_size: 32 vs 48" in msg and "model-c" in msg and "qkv_bias" in msg
+    # each value is paired with its own model: model-a has 32, model-b has 48
+    assert "'model-a' vs 'model-b': hidden_size: 32 vs 48" in msg
+    assert "model-c" in msg and "qkv_bias" in msg
     check_compatible({"x": a, "y": ViTAdapter.from_config(tiny_config(labels=("p", "q")))})
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import yaml
 from conftest import make_dataset, make_vit
+from hub_server import validate_metadata
 from huggingface_hub import ModelCard
 
 from hf_vitmerge.card import TEMPLATE, build_model_card, write_model_card
@@ -55,18 +58,28 @@ def test_card_with_results_reads_back(zoo, tmp_path):
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     card = ModelCard.load(path)
     data = card.data
-    assert data.base_model_relation == "merge"
+    # only Hub ids may stand in `base_model`: every input here is a local folder
+    assert data.base_model is None and getattr(data, "base_model_relation", None) is None
+    assert validate_metadata(data.to_dict()) == []
     assert data.pipeline_tag == "image-classification" and data.library_name == "transformers"
     assert {"hf_vitmerge", "merge", "vit", "ties"} <= set(data.tags)
-    assert data.base_model == [str(zoo / "shape"), str(zoo / "colour"), str(zoo / "base")]
     meta = data.to_dict()["hf_vitmerge"]
     assert meta["method"] == "ties" and meta["seed"] == 7
     assert meta["parameters"] == {"density": 0.5, "scaling": 1.0}  # defaults filled in
-    assert meta["inputs"][0]["commit"] == str(zoo / "shape")  # local folder: its path
-    # model-index: one accuracy per task plus the joint accuracy
-    values = {(r.dataset_name, r.metric_value) for r in data.eval_results}
-    assert ("shape", 0.91) in values and ("colour", 0.74) in values and 0.66 in {v for _, v in values}
+    # local inputs: listed with the sha256 of their weights, no commit
+    sha = hashlib.sha256((zoo / "shape" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["inputs"][0] == {
+        "task": "shape",
+        "model": str(zoo / "shape"),
+        "local": True,
+        "weights_sha256": {"model.safetensors": sha},
+    }
+    base_sha = hashlib.sha256((zoo / "base" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["base_model"]["weights_sha256"] == {"model.safetensors": base_sha}
+    # model-index only names Hub datasets: these results (no suite on the Hub) stay in the text
+    assert data.eval_results is None and "model-index" not in card.content
     text = card.text
+    assert f"| shape | `{zoo / 'shape'}` | local folder; weights sha256 model.safetensors `{sha}` |" in text
     assert "https://arxiv.org/abs/2306.01708" in text  # the method's paper
     assert "![Per-task accuracy](accuracy.png)" in text
     assert "| shape | 0.9100 |" in text and "| **joint** (union of labels, task unknown) | 0.6600 |" in text
@@ -82,8 +95,7 @@ def test_card_without_base_model_or_results_is_valid(zoo, tmp_path):
     path = write_model_card(tmp_path, ctx, info)
     assert not (tmp_path / "accuracy.png").exists()
     card = ModelCard.load(path)
-    assert card.data.base_model_relation == "merge"
-    assert card.data.base_model == [str(zoo / "shape"), str(zoo / "colour")]
+    assert card.data.base_model is None and getattr(card.data, "base_model_relation", None) is None
     assert card.data.eval_results is None and "model-index" not in card.content
     front = card.content.split("---\n")[1]
     assert isinstance(yaml.safe_load(front), dict)
@@ -114,11 +126,38 @@ def test_card_records_calibration_data_and_hub_commits(zoo, tmp_path):
         {"task": "colour", "data": str(zoo / "data"), "split": "train", "samples": 4},
     ]
     assert meta["inputs"][1] == {"task": "colour", "model": "org/vit-colour", "revision": "v1", "commit": sha}
-    assert "org/vit-colour" in card.data.base_model
-    assert f"| colour | `org/vit-colour` | {sha} |" in card.text
+    # the Hub input is the only base model; the local one is not there
+    assert card.data.base_model == ["org/vit-colour"] and card.data.base_model_relation == "merge"
+    assert validate_metadata(card.data.to_dict()) == []
+    assert f"| colour | `org/vit-colour` | v1 (`{sha}`) |" in card.text
     assert "| shape | `" + str(zoo / "data") + "` | train | 4 |" in card.text
     assert "Merge time: 1.5 s (+ 2.0 s collecting statistics)" in card.text
 
 
 def test_template_is_shipped_with_the_package():
     assert TEMPLATE.is_file() and "{{ card_data }}" in TEMPLATE.read_text()
+
+
+def test_hub_metadata_rules_reject_local_paths_and_bad_model_index():
+    """The test Hub applies the Hub's rules, so the card tests above can fail."""
+    assert validate_metadata({"base_model": ["org/vit", "google/vit-base-patch16-224"]}) == []
+    assert validate_metadata({"base_model": "/tmp/zoo/models/inverted"})
+    assert validate_metadata({"base_model": ["org/vit", "./models/a"]})
+    assert validate_metadata({"datasets": ["/data/digits"]})
+    bad_index = [
+        {
+            "name": "m",
+            "results": [
+                {
+                    "task": {"type": "image-classification"},
+                    "dataset": {"type": "/tmp/data/test", "name": "t"},
+                    "metrics": [{"type": "accuracy", "value": 0.9}],
+                }
+            ],
+        }
+    ]
+    assert any("dataset.type" in e for e in validate_metadata({"model-index": bad_index}))
+    bad_index[0]["results"][0]["dataset"]["type"] = "org/digits"
+    assert validate_metadata({"model-index": bad_index}) == []
+    del bad_index[0]["results"][0]["metrics"]
+    assert validate_metadata({"model-index": bad_index})

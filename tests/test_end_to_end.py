@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
+from hub_server import validate_metadata
 
 from hf_vitmerge.cli import main
 
@@ -93,7 +95,10 @@ def test_demo_writes_a_loadable_model(zoo_root):
     assert model(pixel_values=pixels).logits.shape == (1, model.config.num_labels)
     results = json.loads((out / "results.json").read_text())
     assert results["results"][0]["normalized_accuracy"] > 0.3
-    assert (model_dir / "README.md").read_text().count("base_model_relation: merge") == 1
+    # every input is a local zoo folder: none may appear in `base_model` (the Hub accepts repo ids only)
+    front = yaml.safe_load((model_dir / "README.md").read_text().split("---\n")[1])
+    assert "base_model" not in front and validate_metadata(front) == []
+    assert all(i["local"] and i["weights_sha256"] for i in front["hf_vitmerge"]["inputs"])
     assert (out / "results.md").is_file()
     assert main(["demo", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
 
@@ -120,4 +125,6 @@ def test_shapes_tasks_example_configs(zoo_root, monkeypatch):
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(out / "README.md").data
-    assert card.base_model_relation == "merge" and len(card.base_model) >= 11
+    assert card.base_model is None and validate_metadata(card.to_dict()) == []
+    inputs = card.to_dict()["hf_vitmerge"]["inputs"]
+    assert len(inputs) >= 11 and all(i["local"] and i["weights_sha256"] for i in inputs)

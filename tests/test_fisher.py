@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import make_dataset, make_vit
@@ -83,8 +85,10 @@ def test_fisher_merge_is_an_elementwise_convex_combination(pair):
 
 def test_fisher_merge_of_a_model_with_itself_is_that_model(pair):
     root, (a, _) = pair
+    if not (root / "m0-copy").exists():  # the same folder twice is refused: an identical copy instead
+        shutil.copytree(root / "m0", root / "m0-copy")
     merged = merge(
-        [root / "m0", root / "m0"],
+        [root / "m0", root / "m0-copy"],
         "fisher",
         data=[str(root / "d0"), str(root / "d1")],
         fisher_labels="empirical",

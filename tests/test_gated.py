@@ -213,8 +213,11 @@ def test_batch_granularity_mixes_a_mixed_batch(gated_model, zoo):
 def test_all_dynamic_with_known_task_reproduces_each_model(zoo):
     from transformers import ViTForImageClassification
 
+    from hf_vitmerge.loading import resolve_model
+
     model = merge(_config(zoo, m="all", granularity="hard"), quiet=True)
-    assert model.merge_info["num_dynamic_tensors"] == len(model.merge_context.adapter.backbone_keys)
+    adapter = resolve_model(zoo["models"][0]["model"]).adapter
+    assert model.merge_info["num_dynamic_tensors"] == len(adapter.backbone_keys)
     pixels, _ = _pixels(zoo)
     offset = 0
     for t, entry in enumerate(zoo["models"]):
@@ -299,3 +302,16 @@ def test_self_contained_layout_table_matches_the_adapter():
 
     renamed = {old: new for old, new in _BLOCK_MODULES.values() if old != new}
     assert renamed == _V5_BLOCK_NAMES
+
+
+def test_gated_folder_works_in_pipeline(zoo, tmp_path):
+    """merge(..., out_dir=...) writes a complete folder: pipeline() loads it as it is."""
+    from PIL import Image
+    from transformers import pipeline
+
+    folder = tmp_path / "gated"
+    model = merge(_config(zoo, m=1), out_dir=folder, quiet=True)
+    assert (folder / "preprocessor_config.json").is_file() and (folder / "README.md").is_file()
+    classifier = pipeline("image-classification", model=str(folder), trust_remote_code=True)
+    preds = classifier(Image.new("RGB", (16, 16), (200, 30, 30)), top_k=model.config.num_labels)
+    assert {p["label"] for p in preds} == set(model.config.id2label.values())

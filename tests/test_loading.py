@@ -132,3 +132,27 @@ def test_bare_backbone_with_and_without_pooler(tmp_path, pooler):
     assert src.adapter.prefix == "" and src.adapter.num_labels is None
     assert src.adapter.has_pooler is pooler
     assert set(src.adapter.keys) == set(src.tensors().keys())
+
+
+def test_mistyped_relative_folder_that_looks_like_a_hub_id(hf_cache, tmp_path, monkeypatch):
+    make_vit(tmp_path / "models" / "task0", seed=0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"not a folder here.*Did you mean 'models/task0'"):
+        resolve_model("models/taks0")
+
+
+def test_card_of_a_hub_and_a_local_input_names_only_the_hub_id(hf_cache, tmp_path):
+    """run_merge on a Hub model (from the cache) and a local folder: `base_model` holds the Hub id."""
+    import yaml
+    from hub_server import validate_metadata
+
+    from hf_vitmerge import run_merge
+
+    make_vit(tmp_path / "local", seed=5)
+    run = run_merge({"method": "average", "models": ["org/vit-a", str(tmp_path / "local")]}, tmp_path / "out")
+    front = yaml.safe_load((run.path / "README.md").read_text().split("---\n")[1])
+    assert front["base_model"] == ["org/vit-a"] and front["base_model_relation"] == "merge"
+    hub_input, local_input = front["hf_vitmerge"]["inputs"]
+    assert hub_input["commit"] == SHA_MAIN and "weights_sha256" not in hub_input
+    assert local_input["local"] is True and "commit" not in local_input
+    assert validate_metadata(front) == []

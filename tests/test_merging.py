@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -38,7 +39,9 @@ def test_average_and_task_arithmetic_hand_computed():
 
 def test_averaging_identical_models_changes_nothing(tmp_path):
     model = make_vit(tmp_path / "m", seed=3)
-    merged = merge([tmp_path / "m", tmp_path / "m", tmp_path / "m"], "average", quiet=True)
+    for copy in ("m2", "m3"):  # the same folder twice is refused: identical copies in their own folders
+        shutil.copytree(tmp_path / "m", tmp_path / copy)
+    merged = merge([tmp_path / "m", tmp_path / "m2", tmp_path / "m3"], "average", quiet=True)
     torch.testing.assert_close(merged(X).logits, model(X).logits)
 
 

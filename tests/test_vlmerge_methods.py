@@ -64,8 +64,9 @@ def test_modality_arithmetic_matches_formula_not_aliased_code():
 
 def test_modality_arithmetic_needs_base(tmp_path):
     make_vit(tmp_path / "a", seed=1)
+    make_vit(tmp_path / "b", seed=2)
     with pytest.raises(ConfigError, match="base_model"):
-        merge([tmp_path / "a", tmp_path / "a"], "modality_arithmetic", quiet=True)
+        merge([tmp_path / "a", tmp_path / "b"], "modality_arithmetic", quiet=True)
 
 
 # ----------------------------------------------------------------------------- per-group recipes
@@ -202,9 +203,10 @@ def test_per_group_with_regmean_and_ties(micro_suite):
     ]
     ad = ViTAdapter.from_model(merged)
     out = ad.state_dict(merged)
-    srcs = [
-        ViTAdapter.from_model(m).state_dict(m) for m in (merge([str(t.model)], quiet=True) for t in tasks)
-    ]
+    from transformers import ViTForImageClassification
+
+    inputs = [ViTForImageClassification.from_pretrained(t.model) for t in tasks]
+    srcs = [ViTAdapter.from_model(m).state_dict(m) for m in inputs]
     ln = ad.key("ln1", "bias", 1)
     torch.testing.assert_close(out[ln], (srcs[0][ln] + srcs[1][ln]) / 2)
     assert torch.isfinite(merged(X).logits).all()

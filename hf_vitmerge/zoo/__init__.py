@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import InputError
 from . import digits, shapes
 from .builder import SIZES, ZOO_VERSION, SizeSpec, SuiteSpec, build, default_out
 from .train import ArchSpec, TrainSpec
@@ -152,8 +153,8 @@ def build_suite(
     suite or size.
     """
     if name not in SUITES:
-        raise ValueError(f"unknown zoo suite {name!r}; choose one of: {', '.join(SUITES)}")
+        raise InputError(f"unknown zoo suite {name!r}; choose one of: {', '.join(SUITES)}")
     if size not in SIZES:
-        raise ValueError(f"unknown zoo size {size!r}; choose one of: {', '.join(SIZES)}")
+        raise InputError(f"unknown zoo size {size!r}; choose one of: {', '.join(SIZES)}")
     target = default_out(name, size, seed) if out is None else Path(out)
     return build(SUITES[name], SIZES[size], target, int(seed), quiet, overwrite)

@@ -22,6 +22,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from ..errors import OutputExistsError
 from .data import TaskData
 from .train import (
     ArchSpec,
@@ -126,7 +127,9 @@ def _existing_build(out: Path, fp: dict, overwrite: bool) -> Path | None:
     if not out.is_dir():
         if overwrite:
             return None
-        raise FileExistsError(f"{out} exists and is not a folder; remove it or choose another output folder.")
+        raise OutputExistsError(
+            f"{out} exists and is not a folder; remove it or choose another output folder."
+        )
     info = out / "build_info.json"
     if info.is_file() and (out / "suite.json").is_file():
         try:
@@ -142,7 +145,7 @@ def _existing_build(out: Path, fp: dict, overwrite: bool) -> Path | None:
         return None
     if overwrite:
         return None
-    raise FileExistsError(
+    raise OutputExistsError(
         f"{out} already holds {what}, not {fp}. Pass overwrite=True (CLI: --overwrite) to replace it, "
         "or choose another output folder."
     )
