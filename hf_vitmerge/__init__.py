@@ -9,9 +9,8 @@ Public API::
     scores = hv.evaluate_model("out/ties", "zoo/shapes-tasks/suite.json")
 """
 
-__version__ = "0.1.0"
-
 from . import modeling  # noqa: E402,F401  (registers merged-model classes with the Auto classes)
+from ._version import __version__
 from .api import bench, demo, run_merge, suite_config  # noqa: E402
 from .arch import IncompatibleModelError, MergeGroup, ViTAdapter  # noqa: E402
 from .config import ConfigError, MergeConfig, load_config  # noqa: E402
@@ -21,6 +20,7 @@ from .merging import MergeContext, MergeResult, merge  # noqa: E402
 from .methods import available_methods, get_method, merge_method  # noqa: E402
 
 __all__ = [
+    "__version__",
     "ConfigError",
     "IncompatibleModelError",
     "MergeConfig",

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from . import __version__
+from ._version import __version__
 from .config import MergeConfig, load_config
 from .merging import MergeContext, execute, prepare
 from .suite import Suite, load_suite

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ._version import __version__
 from .merging import MergeContext, union_labels
 from .methods import get_method
 
@@ -198,8 +199,6 @@ def build_model_card(
     evaluation result (per_task_accuracy, avg_task_accuracy, normalized_accuracy,
     joint_accuracy) or None; ``plot_path`` a path, relative to the card, of an accuracy plot.
     """
-    from . import __version__
-
     config = ctx.config
     spec = get_method(config.method) if config.method != "per_group" else None
     refs = [s.ref for s in ctx.sources] + ([ctx.base.ref] if ctx.base is not None else [])

@@ -1,0 +1,158 @@
+"""The types every merge method shares: the method's result, the merge context, and small helpers.
+
+A model-level method receives a :class:`MergeContext` and returns a :class:`MergeResult`;
+:mod:`hf_vitmerge.merging` runs the method and assembles the merged model from the result.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..arch import ViTAdapter
+from ..config import MergeConfig
+from ..data import TaskData, load_task_data
+from ..loading import ModelSource
+from .registry import MethodSpec
+
+
+@dataclass
+class MergeResult:
+    """What a model-level method returns.
+
+    Either ``backbone`` (canonical tensors of every non-head parameter) with ``heads`` (one
+    ``(weight, bias)`` per input model, expressed in the merged residual basis) and/or a
+    ``shared_head``; or a complete custom ``model`` (partial zip, gated).
+    """
+
+    backbone: dict[str, torch.Tensor] | None = None
+    heads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    shared_head: tuple[torch.Tensor, torch.Tensor] | None = None
+    model: torch.nn.Module | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class MergeContext:
+    """Everything a merge method may need, loaded lazily."""
+
+    config: MergeConfig
+    sources: list[ModelSource]
+    base: ModelSource | None
+    task_names: list[str]
+    heads_mode: str  # shared | union | multi (resolved)
+    quiet: bool = False
+    timings: dict = field(default_factory=dict)
+    _data: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def adapter(self) -> ViTAdapter:
+        return self.sources[0].adapter
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def device(self) -> str:
+        return self.config.device
+
+    @property
+    def label_lists(self) -> list[list[str]]:
+        return [s.labels for s in self.sources]
+
+    def models(self) -> list[torch.nn.Module]:
+        return [s.load_model() for s in self.sources]
+
+    def generator(self, key: str = "") -> torch.Generator:
+        """A generator seeded by the merge seed and a name, independent of call order."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+
+    def calibration_data(self, index: int, split: str | None = None) -> TaskData:
+        """Calibration data of model ``index`` (``samples_per_task`` examples, seeded)."""
+        entry = self.config.models[index].data
+        if entry is None:
+            raise ValueError(
+                f"method {self.config.method!r} needs calibration data, but model "
+                f"{self.sources[index].ref!r} has no `data:` entry in the config. Add one per model."
+            )
+        cache_key = (index, split or entry.split)
+        if cache_key not in self._data:
+            data = load_task_data(
+                entry.path,
+                split or entry.split,
+                image_column=entry.image_column,
+                label_column=entry.label_column,
+                revision=entry.revision,
+            )
+            self._data[cache_key] = data.subset(self.config.calibration.samples_per_task, seed=self.seed)
+        return self._data[cache_key]
+
+    def run_tensorwise(self, spec: MethodSpec, params: dict, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Stream ``keys`` from every input's weight files through a tensorwise method."""
+        readers = [s.tensors() for s in self.sources]
+        base_reader = self.base.tensors() if self.base is not None else None
+        weights = [m.weight for m in self.config.models]
+        if (
+            any(w is not None for w in weights)
+            and "weights" in spec.defaults
+            and params.get("weights") is None
+        ):
+            params = {**params, "weights": [1.0 if w is None else w for w in weights]}
+        out: dict[str, torch.Tensor] = {}
+        for key in tqdm(keys, desc=f"{spec.name}", disable=self.quiet, unit="tensor"):
+            tensors = [r.get(key).to(torch.float32) for r in readers]
+            base = None
+            if base_reader is not None and key in base_reader:
+                base = base_reader.get(key).to(torch.float32)
+                if base.shape != tensors[0].shape:
+                    base = None
+            if spec.needs_base and base is None:
+                raise ValueError(f"{spec.name}: the base model has no tensor {key} of matching shape")
+            out[key] = spec.fn(tensors, base, key=key, generator=self.generator(key), **params).contiguous()
+            del tensors, base
+        for r in readers + ([base_reader] if base_reader else []):
+            r.close()
+        return out
+
+
+def union_labels(task_names: list[str], label_lists: list[list[str]]) -> list[str]:
+    """Union of all labels in task order; names that collide across tasks become ``task:label``."""
+    owners: dict[str, set[str]] = {}
+    for task, labels in zip(task_names, label_lists, strict=True):
+        for label in labels:
+            owners.setdefault(label, set()).add(task)
+    out = []
+    for task, labels in zip(task_names, label_lists, strict=True):
+        out += [f"{task}:{lab}" if len(owners[lab]) > 1 else lab for lab in labels]
+    return out
+
+
+def read_heads(sources: Sequence[ModelSource]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    heads = []
+    for s in sources:
+        reader = s.tensors()
+        w, b = (reader.get(k).to(torch.float32) for k in s.adapter.classifier_keys)
+        heads.append((w, b))
+        reader.close()
+    return heads
+
+
+def merged_config_dict(ctx: MergeContext) -> dict:
+    """The first input's config without its label space (the caller adds the new one)."""
+    cfg = ctx.sources[0].config.to_dict()
+    for k in (
+        "id2label",
+        "label2id",
+        "architectures",
+        "num_labels",
+        "_name_or_path",
+        "auto_map",
+        "transformers_version",
+    ):
+        cfg.pop(k, None)
+    return cfg
