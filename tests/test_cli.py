@@ -147,6 +147,7 @@ def test_bench_json_and_markdown(tmp_path, micro_suite):
     assert "| average |" in md.read_text()
 
 
+@pytest.mark.dist
 def test_merge_launched_on_two_processes(tmp_path, micro_suite):
     """`torchrun --nproc_per_node 2 hf-vitmerge merge ...`: statistics are sharded, one process saves."""
     import os
