@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard
 
 from hf_vitmerge.card import TEMPLATE, build_model_card, write_model_card
 from hf_vitmerge.merging import execute, prepare
+from hf_vitmerge.methods import get_method
 
 RESULTS = {
     "per_task_accuracy": {"shape": 0.91, "colour": 0.74},
@@ -61,7 +62,7 @@ def test_card_with_results_reads_back(zoo, tmp_path):
     assert data.base_model == [str(zoo / "shape"), str(zoo / "colour"), str(zoo / "base")]
     meta = data.to_dict()["hf_vitmerge"]
     assert meta["method"] == "ties" and meta["seed"] == 7
-    assert meta["parameters"] == {"density": 0.5, "scaling": 1.0}  # defaults filled in
+    assert meta["parameters"] == {**get_method("ties").defaults, "density": 0.5}  # defaults filled in
     assert meta["inputs"][0]["commit"] == str(zoo / "shape")  # local folder: its path
     # model-index: one accuracy per task plus the joint accuracy
     values = {(r.dataset_name, r.metric_value) for r in data.eval_results}
