@@ -38,6 +38,7 @@ from .matching import (
     zip_match,
     zip_within_heads,
 )
+from .methods.base import MergeResult, merged_config_dict, union_labels
 
 TransformSet = dict[str, Transforms]
 Owners = dict[str, list[tuple[int, str, str]]]  # key -> [(axis, group name, "out" | "in")]
@@ -295,8 +296,6 @@ def heads_of(ctx, states, transforms: Mapping[str, Transforms]) -> list[tuple[to
 def aligned_result(ctx, states, transforms: TransformSet, info: dict):
     """The :class:`MergeResult` of a full alignment merge: the merged backbone and every model's
     head in the merged residual basis (averaged by ``assemble`` when labels are shared)."""
-    from .merging import MergeResult
-
     adapter = ctx.adapter
     backbone = merge_tensors(states, adapter.groups(), transforms, adapter.backbone_keys)
     return MergeResult(backbone=backbone, heads=heads_of(ctx, states, transforms), info=info)
@@ -327,7 +326,6 @@ def build_partial_zip(ctx, states, transforms: TransformSet, stop: int):
     """A :class:`ViTPartialZipForImageClassification`: merged embeddings and blocks ``< stop``,
     then per model ``U_res,m`` (the residual unmerge), its own blocks ``>= stop``, final
     LayerNorm and classifier."""
-    from .merging import merged_config_dict, union_labels
     from .modeling import ViTPartialZipConfig, ViTPartialZipForImageClassification
 
     adapter = ctx.adapter

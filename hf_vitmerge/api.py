@@ -11,13 +11,15 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import yaml
+from transformers import PreTrainedModel
 
-from . import __version__
+from ._version import __version__
 from .checks import check_device, check_writable
 from .config import MergeConfig, load_config
 from .errors import InputError, OutputExistsError
@@ -181,6 +183,104 @@ def _distributed_state(device: str):
             "launch with `accelerate launch` or `torchrun`"
         )
     return state
+
+
+# ----------------------------------------------------------------------------- merge()
+def merge(
+    models: Sequence[str | os.PathLike] | MergeConfig | dict | str | os.PathLike,
+    method: str = "average",
+    *,
+    base_model: str | None = None,
+    revisions: Sequence[str | None] | None = None,
+    tasks: Sequence[str] | None = None,
+    data: Sequence[dict | str | None] | None = None,
+    heads: str = "auto",
+    seed: int = 0,
+    device: str = "cpu",
+    calibration: dict | None = None,
+    out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    **parameters,
+) -> PreTrainedModel:
+    """Merge ViTs and return the merged model, a ``transformers.PreTrainedModel``.
+
+    ``models`` is a list of at least two Hub ids / folders, or a whole config (dict, YAML
+    path, ``MergeConfig``), in which case the other merge arguments are ignored. Method
+    parameters are keyword arguments, e.g. ``merge(ids, "task_arithmetic", base_model=b,
+    scaling=0.4)``. ``revisions``, ``tasks`` and ``data`` are lists parallel to ``models``.
+
+    With ``out_dir`` the complete model folder is written too, atomically (weights, config,
+    image processor, ``merge_config.yaml`` and the model card), ready for
+    ``pipeline("image-classification", model=out_dir)``; an existing non-empty folder is
+    refused unless ``overwrite``. The input models are released when the merge is done; the
+    result carries only ``merge_info`` (timings and method facts).
+    """
+    config = _merge_config(
+        models, method, base_model, revisions, tasks, data, heads, seed, device, calibration, parameters
+    )
+    if out_dir is None:
+        ctx = prepare(config, quiet=quiet)
+        model, info = execute(ctx)
+    else:
+        run = run_merge(config, out_dir, overwrite=overwrite, quiet=quiet)
+        model, info = run.model, run.info
+    model.merge_info = info
+    return model
+
+
+def _merge_config(
+    models, method, base_model, revisions, tasks, data, heads, seed, device, calibration, parameters
+):
+    """The validated config of a ``merge()`` call (argument errors name the argument)."""
+    if isinstance(models, (MergeConfig, dict)) or (
+        isinstance(models, (str, os.PathLike)) and str(models).endswith((".yaml", ".yml"))
+    ):
+        return load_config(models)
+    if isinstance(models, (str, os.PathLike)):
+        raise InputError(
+            f"merge(models=...) got the single string {str(models)!r}: pass a list of at least two model ids "
+            f"or folders, e.g. merge([{str(models)!r}, 'other/model'], ...), or a config (YAML path, dict)"
+        )
+    if not isinstance(models, Sequence):
+        raise InputError(
+            f"merge(models=...) must be a list of model ids or folders, got {type(models).__name__}"
+        )
+    models = list(models)
+    if len(models) < 2:
+        raise InputError(f"merge() needs at least two models to merge, got {len(models)}: {models}")
+    for name, values in (("revisions", revisions), ("tasks", tasks), ("data", data)):
+        if values is None:
+            continue
+        if isinstance(values, (str, os.PathLike, dict)) or not isinstance(values, Sequence):
+            raise InputError(f"merge({name}=...) must be a list with one entry per model, got {values!r}")
+        if len(values) != len(models):
+            raise InputError(
+                f"merge() got {len(values)} {name} for {len(models)} models: give one per model "
+                f"(None where there is none)"
+            )
+    entries = []
+    for i, ref in enumerate(models):
+        entry: dict = {"model": str(ref)}
+        if revisions is not None:
+            entry["revision"] = revisions[i]
+        if tasks is not None:
+            entry["task"] = tasks[i]
+        if data is not None and data[i] is not None:
+            entry["data"] = {"path": str(data[i])} if isinstance(data[i], (str, os.PathLike)) else data[i]
+        entries.append(entry)
+    return load_config(
+        {
+            "method": method,
+            "base_model": base_model,
+            "models": entries,
+            "parameters": parameters,
+            "heads": heads,
+            "seed": seed,
+            "device": device,
+            "calibration": calibration or {},
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- suites -> configs

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ._version import __version__
 from .data import is_hub_dataset_id
 from .loading import ModelSource, weights_sha256
 from .merging import MergeContext, union_labels
@@ -209,8 +210,6 @@ def build_model_card(
     evaluation result (per_task_accuracy, avg_task_accuracy, normalized_accuracy,
     joint_accuracy) or None; ``plot_path`` a path, relative to the card, of an accuracy plot.
     """
-    from . import __version__
-
     config = ctx.config
     spec = get_method(config.method) if config.method != "per_group" else None
     # the Hub accepts only repo ids in `base_model`: local folders go to the body and the

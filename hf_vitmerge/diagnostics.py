@@ -464,8 +464,8 @@ def plot_heatmap(results: dict, path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- predictive power
 def _pair_row(suite, pair, base, methods, method_params, topk, batch_size) -> dict:
     """The whole-model metrics of two tasks' models and each method's accuracy on their merge."""
+    from .api import merge
     from .evaluation import evaluate_model
-    from .merging import merge
     from .methods import get_method
 
     ti, tj = pair

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import make_dataset, make_vit
 
+from hf_vitmerge import merge
 from hf_vitmerge.alignment import resolve_stop_block, transform_model
 from hf_vitmerge.arch import ViTAdapter
 from hf_vitmerge.matching import permutation_transforms
-from hf_vitmerge.merging import merge
 
 
 def _randomise_norms(model, seed=0):

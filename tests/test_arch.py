@@ -1,4 +1,4 @@
-"""The ViT adapter: every parameter classified exactly once, merge groups, both module layouts."""
+"""The ViT adapter: every parameter classified exactly once, merge groups, 4.x checkpoint keys."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from collections import Counter
 import pytest
 import torch
 from conftest import make_vit, tiny_config
-from torch import nn
 from transformers import ViTForImageClassification, ViTModel
 
 from hf_vitmerge.arch import IncompatibleModelError, ViTAdapter, check_compatible
@@ -83,44 +82,80 @@ def test_merge_groups_touch_each_axis_once_and_match_shapes(overrides):
     assert names[0] == "residual" and len(names) == 1 + 3 * cfg.num_hidden_layers
 
 
-class _V4Attention(nn.Module):
-    def __init__(self, att):
-        super().__init__()
-        self.attention = nn.Module()
-        self.attention.query, self.attention.key, self.attention.value = att.q_proj, att.k_proj, att.v_proj
-        self.output = nn.Module()
-        self.output.dense = att.o_proj
+# The key set of a ViTForImageClassification checkpoint written by transformers 4.x
+# (modeling_vit.py of 4.x: ViTSelfAttention query/key/value, ViTSelfOutput dense, ViTIntermediate
+# and ViTOutput dense), written out by hand, with the shape of each tensor for TINY.
+def _v4_checkpoint_shapes(layers: int = 2, h: int = 32, inter: int = 64, patch: int = 4, labels: int = 3):
+    tokens = (16 // patch) ** 2 + 1
+    shapes = {
+        "vit.embeddings.cls_token": (1, 1, h),
+        "vit.embeddings.position_embeddings": (1, tokens, h),
+        "vit.embeddings.patch_embeddings.projection.weight": (h, 3, patch, patch),
+        "vit.embeddings.patch_embeddings.projection.bias": (h,),
+        "vit.layernorm.weight": (h,),
+        "vit.layernorm.bias": (h,),
+        "classifier.weight": (labels, h),
+        "classifier.bias": (labels,),
+    }
+    for i in range(layers):
+        p = f"vit.encoder.layer.{i}."
+        for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value"):
+            shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (h, h), (h,)
+        shapes[p + "attention.output.dense.weight"], shapes[p + "attention.output.dense.bias"] = (h, h), (h,)
+        shapes[p + "intermediate.dense.weight"], shapes[p + "intermediate.dense.bias"] = (inter, h), (inter,)
+        shapes[p + "output.dense.weight"], shapes[p + "output.dense.bias"] = (h, inter), (h,)
+        for ln in ("layernorm_before", "layernorm_after"):
+            shapes[p + ln + ".weight"], shapes[p + ln + ".bias"] = (h,), (h,)
+    return shapes
 
 
-class _V4Layer(nn.Module):
-    """The transformers 4.x module layout, built around a 5.x layer's modules."""
+def _write_v4_checkpoint(folder, seed: int) -> dict[str, torch.Tensor]:
+    """A model folder as transformers 4.x saved it: 4.x keys, a 4.x config.json."""
+    import json
 
-    def __init__(self, layer):
-        super().__init__()
-        self.attention = _V4Attention(layer.attention)
-        self.intermediate, self.output = nn.Module(), nn.Module()
-        self.intermediate.dense, self.output.dense = layer.mlp.fc1, layer.mlp.fc2
-        self.layernorm_before, self.layernorm_after = layer.layernorm_before, layer.layernorm_after
+    from safetensors.torch import save_file
+    from transformers import ViTImageProcessor
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: 0.2 * torch.randn(shape, generator=g) for k, shape in _v4_checkpoint_shapes().items()}
+    for k in tensors:  # LayerNorm weights near one, as in a trained model
+        if "layernorm" in k and k.endswith("weight"):
+            tensors[k] += 1.0
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = tiny_config().to_dict()
+    config.update(architectures=["ViTForImageClassification"], transformers_version="4.46.3")
+    (folder / "config.json").write_text(json.dumps(config))
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return tensors
 
 
-def test_transformers_4x_module_layout_resolves_to_the_same_tensors():
-    model = ViTForImageClassification(tiny_config())
-    blocks = getattr(model.vit, "layers", None)
-    if blocks is None:
-        pytest.skip("installed transformers already uses the 4.x layout")
-    v4 = nn.Module()
-    v4.config = model.config
-    v4.classifier = model.classifier
-    v4.vit = nn.Module()
-    v4.vit.embeddings, v4.vit.layernorm = model.vit.embeddings, model.vit.layernorm
-    v4.vit.encoder = nn.Module()
-    v4.vit.encoder.layer = nn.ModuleList(_V4Layer(b) for b in blocks)
-    a5, a4 = ViTAdapter.from_model(model), ViTAdapter.from_model(v4)
-    assert a4.keys == a5.keys
-    for key in a5.keys:
-        assert a4.parameter(v4, key) is a5.parameter(model, key)
-    # under 4.x the in-memory names equal the canonical keys
-    assert {n for n, _ in v4.named_parameters()} == set(a4.keys)
+def test_canonical_keys_are_the_transformers_4x_checkpoint_keys():
+    adapter = ViTAdapter.from_model(ViTForImageClassification(tiny_config()))
+    assert set(adapter.keys) == set(_v4_checkpoint_shapes())
+    for key, shape in _v4_checkpoint_shapes().items():
+        assert adapter.info(key).shape == shape, key
+
+
+def test_a_transformers_4x_checkpoint_merges_and_saves_with_4x_keys(tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_vitmerge import merge
+
+    a = _write_v4_checkpoint(tmp_path / "a", seed=1)
+    b = _write_v4_checkpoint(tmp_path / "b", seed=2)
+    merged = merge([tmp_path / "a", tmp_path / "b"], "average", quiet=True)
+    merged.save_pretrained(tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == set(a)  # written back with the 4.x keys
+    for key in a:
+        torch.testing.assert_close(out[key], (a[key] + b[key]) / 2, msg=key)
+    # the merge of a checkpoint with itself is the model transformers loads from that folder
+    same = merge([tmp_path / "a", tmp_path / "a"], "average", quiet=True)
+    reference = ViTForImageClassification.from_pretrained(tmp_path / "a").eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(same(x).logits, reference(x).logits)
 
 
 def test_state_dict_round_trip():

@@ -12,6 +12,7 @@ from huggingface_hub import ModelCard
 
 from hf_vitmerge.card import TEMPLATE, build_model_card, write_model_card
 from hf_vitmerge.merging import execute, prepare
+from hf_vitmerge.methods import get_method
 
 RESULTS = {
     "per_task_accuracy": {"shape": 0.91, "colour": 0.74},
@@ -65,7 +66,7 @@ def test_card_with_results_reads_back(zoo, tmp_path):
     assert {"hf_vitmerge", "merge", "vit", "ties"} <= set(data.tags)
     meta = data.to_dict()["hf_vitmerge"]
     assert meta["method"] == "ties" and meta["seed"] == 7
-    assert meta["parameters"] == {"density": 0.5, "scaling": 1.0}  # defaults filled in
+    assert meta["parameters"] == {**get_method("ties").defaults, "density": 0.5}  # defaults filled in
     # local inputs: listed with the sha256 of their weights, no commit
     sha = hashlib.sha256((zoo / "shape" / "model.safetensors").read_bytes()).hexdigest()
     assert meta["inputs"][0] == {

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_vit
 
-from hf_vitmerge import ViTAdapter
+from hf_vitmerge import ViTAdapter, reference_results
 from hf_vitmerge.diagnostics import (
     cosine_similarity,
     inspect_models,
@@ -180,13 +180,28 @@ def test_pairwise_mergeability_on_micro_suite(micro_suite, tmp_path):
     )
     assert res["num_pairs"] == 3 and res["on"] == "task_vectors"
     assert [r["pair"] for r in res["pairs"]] == [["task0", "task1"], ["task0", "task2"], ["task1", "task2"]]
+    individual = reference_results(micro_suite)["individual"]["per_task_accuracy"]
+    compared = 0
     for method in ("average", "task_arithmetic"):
-        acc = [r["results"][method]["normalized_accuracy"] for r in res["pairs"]]
-        assert all(a is not None and a >= 0 for a in acc)
+        acc = []
+        for row in res["pairs"]:
+            per_task = row["results"][method]["per_task_accuracy"]
+            assert set(per_task) == set(row["pair"])
+            # normalized accuracy of the pair = mean of merged / individual over its two tasks
+            ratios = [per_task[t] / individual[t] for t in row["pair"] if individual[t] > 0]
+            assert row["results"][method]["normalized_accuracy"] == pytest.approx(sum(ratios) / len(ratios))
+            acc.append(row["results"][method]["normalized_accuracy"])
         l2 = [r["metrics"]["l2"] for r in res["pairs"]]
         c = res["spearman"][method]["l2"]
-        if c["rho"] is not None:
-            assert c["rho"] == pytest.approx(spearmanr(l2, acc).statistic)
-            assert c["predictive_rho"] == pytest.approx(-c["rho"])
+        expected = spearmanr(l2, acc).statistic
+        if math.isnan(expected):  # constant accuracies: no correlation, reported as null
+            assert c["rho"] is None and c["predictive_rho"] is None
+        else:
+            compared += 1
+            assert c["rho"] == pytest.approx(expected)
+            assert c["predictive_rho"] == pytest.approx(-expected)
+    assert compared > 0, "no method had a defined correlation: the check above compared nothing"
+    by_method = [[r["results"][m]["per_task_accuracy"] for r in res["pairs"]] for m in res["methods"]]
+    assert by_method[0] != by_method[1]  # the two methods' merges are told apart
     assert (tmp_path / "mergeability.json").is_file()
     assert "best predictor" in (tmp_path / "mergeability.md").read_text()

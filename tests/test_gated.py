@@ -3,6 +3,7 @@ save/load and trust_remote_code loading."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_vitmerge import merge
 from hf_vitmerge.arch import ViTAdapter
 from hf_vitmerge.gate import train_gate, trainer_arguments
-from hf_vitmerge.merging import merge
 from hf_vitmerge.methods.gated import dynamic_keys, least_similar, mean_pairwise_cosine, resolve_m
 
 LAYERS = 2
@@ -174,21 +175,47 @@ def test_trainer_arguments_are_validated(tmp_path):
 
 
 def test_merge_info_and_storage(gated_model):
+    from transformers import ViTForImageClassification
+
     info = gated_model.merge_info
     assert info["gate_validation_accuracy"] == 1.0
-    assert info["num_dynamic_tensors"] == len(gated_model.config.dynamic_keys)
-    assert 0 < info["storage_ratio"] < 1
-    assert info["num_parameters"] == sum(p.numel() for p in gated_model.parameters())
+    # Counted by hand for m=1 on the 2-layer tiny ViT (hidden 32, MLP 64, 16 patches of 4x4x3):
+    # cls, position, patch weight and bias; two LayerNorms per layer and the final one (weight,
+    # bias); layer 1's attention (q, k, v, o: weight, bias) and MLP (fc1, fc2: weight, bias).
+    assert info["num_dynamic_tensors"] == 4 + (2 * LAYERS + 1) * 2 + 8 + 4
+    h, i, patches = 32, 64, (16 // 4) ** 2
+    dynamic = h + (patches + 1) * h + (h * 3 * 4 * 4 + h) + (2 * LAYERS + 1) * 2 * h
+    dynamic += 4 * (h * h + h) + (i * h + i) + (h * i + h)
+    backbone = sum(
+        p.numel()
+        for n, p in ViTForImageClassification(_vit_config(3)).named_parameters()
+        if not n.startswith("classifier")
+    )
+    heads = (3 * h + 3) + (2 * h + 2)
+    gate = sum(p.numel() for p in gated_model.gate.parameters())
+    # the static tensors once, the dynamic ones once per task, both heads and the gate
+    assert info["num_parameters"] == backbone + len(TASKS) * dynamic - dynamic + heads + gate
+    assert info["storage_ratio"] == pytest.approx(info["num_parameters"] / (2 * backbone + heads), abs=1e-4)
     assert gated_model.config.id2label == dict(enumerate(["a", "b", "c", "x", "y"]))
+
+
+@contextlib.contextmanager
+def _granularity(model, granularity: str):
+    """Switch the (module-scoped) model's granularity for one test, restoring it even on failure."""
+    before = model.config.granularity
+    model.config.granularity = granularity
+    try:
+        yield model
+    finally:
+        model.config.granularity = before
 
 
 @pytest.mark.parametrize("granularity", ["sample", "hard"])
 def test_mixed_batch_equals_one_task_at_a_time(gated_model, zoo, granularity):
-    gated_model.config.granularity = granularity
     pixels, tasks = _pixels(zoo)
     perm = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(0))
     pixels, tasks = pixels[perm], tasks[perm]
-    with torch.no_grad():
+    with torch.no_grad(), _granularity(gated_model, granularity):
         mixed = gated_model(pixel_values=pixels)
         assert (mixed.predicted_task == tasks).all()
         for t in range(2):
@@ -197,16 +224,13 @@ def test_mixed_batch_equals_one_task_at_a_time(gated_model, zoo, granularity):
             for i in torch.nonzero(tasks == t).flatten()[:2]:
                 one = gated_model(pixel_values=pixels[i : i + 1])
                 torch.testing.assert_close(mixed.logits[i : i + 1], one.logits, atol=1e-5, rtol=0)
-    gated_model.config.granularity = "sample"
 
 
 def test_batch_granularity_mixes_a_mixed_batch(gated_model, zoo):
     """The released per-batch mode is wrong on mixed batches, which is why it is not the default."""
     pixels, tasks = _pixels(zoo)
-    gated_model.config.granularity = "batch"
-    with torch.no_grad():
+    with torch.no_grad(), _granularity(gated_model, "batch"):
         out = gated_model(pixel_values=pixels)
-    gated_model.config.granularity = "sample"
     assert out.predicted_task.unique().numel() == 1
 
 

@@ -23,7 +23,7 @@ def test_registry_lists_and_rejects():
         get_method("nope")
     spec = get_method("task_arithmetic")
     assert spec.needs_base and spec.kind == "tensorwise" and "arxiv.org" in spec.reference
-    assert spec.defaults == {"scaling": 0.3}
+    assert set(spec.defaults) == {"scaling"}
 
 
 def test_average_and_task_arithmetic_hand_computed():
@@ -46,24 +46,31 @@ def test_averaging_identical_models_changes_nothing(tmp_path):
 
 
 def test_task_arithmetic_on_models(tmp_path):
+    # Three models and scaling 0.4 (not 1/K): the result depends on the base, so a merge that
+    # ignored it (or averaged) would fail here.
     base = make_vit(tmp_path / "base", seed=0)
-    a = make_vit(tmp_path / "a", seed=1, base=base)
-    b = make_vit(tmp_path / "b", seed=2, base=base)
-    merged = merge(
-        [tmp_path / "a", tmp_path / "b"],
-        "task_arithmetic",
-        base_model=str(tmp_path / "base"),
-        scaling=0.5,
-        quiet=True,
-    )
-    ad = ViTAdapter.from_model(merged)
-    key = ad.key("fc2", "weight", 1)
-    sa, sb, s0 = (ViTAdapter.from_model(m).state_dict(m) for m in (a, b, base))
-    torch.testing.assert_close(ad.state_dict(merged)[key], (sa[key] + sb[key]) / 2)
-    # scaling 1/K is plain averaging, and averaging ignores the base
-    avg = merge([tmp_path / "a", tmp_path / "b"], "average", quiet=True)
-    torch.testing.assert_close(avg(X).logits, merged(X).logits)
-    assert s0[key].shape == sa[key].shape
+    make_vit(tmp_path / "other", seed=9, base=base, noise=0.5)
+    inputs = [make_vit(tmp_path / f"m{i}", seed=i, base=base) for i in (1, 2, 3)]
+    paths = [tmp_path / f"m{i}" for i in (1, 2, 3)]
+
+    def ta(base_dir):
+        return merge(paths, "task_arithmetic", base_model=str(base_dir), scaling=0.4, quiet=True)
+
+    merged = ta(tmp_path / "base")
+    state = ViTAdapter.from_model(merged).state_dict(merged)
+    s0 = ViTAdapter.from_model(base).state_dict(base)
+    sk = [ViTAdapter.from_model(m).state_dict(m) for m in inputs]
+    assert set(state) == set(s0)
+    for key in state:  # every tensor, the shared classifier head included
+        expected = s0[key] + 0.4 * sum(s[key] - s0[key] for s in sk)
+        torch.testing.assert_close(state[key], expected, msg=key)
+    key = ViTAdapter.from_model(merged).key("fc2", "weight", 1)
+    avg = sum(s[key] for s in sk) / 3
+    assert (state[key] - avg).abs().max() > 1e-3  # not the average
+    moved = ta(tmp_path / "other")
+    moved_state = ViTAdapter.from_model(moved).state_dict(moved)
+    assert (moved_state[key] - state[key]).abs().max() > 1e-3  # another base, another result
+    assert not torch.allclose(moved(X).logits, merged(X).logits)
 
 
 def test_union_labels_keep_colliding_names_apart():
@@ -115,20 +122,26 @@ def test_union_and_multi_heads_keep_each_task_head(tmp_path):
 
 
 def test_merge_is_deterministic_and_byte_identical(tmp_path):
+    # DARE draws random masks: the same seed must give the same bytes, another seed other bytes.
     base = make_vit(tmp_path / "base", seed=0)
     for i in (1, 2):
         make_vit(tmp_path / f"m{i}", seed=i, base=base)
-    outs = []
-    for run in range(2):
+
+    def dare_bytes(seed: int, run: str) -> bytes:
         m = merge(
             [tmp_path / "m1", tmp_path / "m2"],
-            "task_arithmetic",
+            "dare",
             base_model=str(tmp_path / "base"),
+            drop_rate=0.5,
+            seed=seed,
             quiet=True,
         )
-        m.save_pretrained(tmp_path / f"out{run}")
-        outs.append((tmp_path / f"out{run}" / "model.safetensors").read_bytes())
-    assert outs[0] == outs[1]
+        m.save_pretrained(tmp_path / run)
+        return (tmp_path / run / "model.safetensors").read_bytes()
+
+    first, again, other = dare_bytes(0, "a"), dare_bytes(0, "b"), dare_bytes(1, "c")
+    assert first == again
+    assert first != other
 
 
 def test_model_weights_from_config(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_dataset, make_vit
 
-from hf_vitmerge.merging import merge
+from hf_vitmerge import merge
 from hf_vitmerge.methods.regmean import regmean_solve
 from hf_vitmerge.stats import collect_model_stats
 

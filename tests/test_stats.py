@@ -248,6 +248,7 @@ def _launch(root: Path, out: Path, extra: list[str]) -> None:
 @pytest.mark.parametrize(
     "launcher", ["torch.distributed", pytest.param("accelerate", marks=pytest.mark.slow)]
 )
+@pytest.mark.dist
 def test_two_processes_match_one(setup, tmp_path, launcher):
     root, _, _ = setup
     from transformers import AutoImageProcessor, ViTForImageClassification

@@ -17,7 +17,7 @@ X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 # ----------------------------------------------------------------------------- interpolation
 def test_interpolation_hand_computed():
     interp = get_method("interpolation")
-    assert interp.defaults == {"weights": None} and "2304.14933" in interp.reference
+    assert set(interp.defaults) == {"weights"} and "2304.14933" in interp.reference
     a, b = torch.tensor([1.0, 3.0]), torch.tensor([3.0, -1.0])
     torch.testing.assert_close(interp.fn([a, b], None), torch.tensor([2.0, 1.0]))
     # weights [3, 1] -> [0.75, 0.25]: 0.75 * [1, 3] + 0.25 * [3, -1] = [1.5, 2.0]
@@ -49,7 +49,7 @@ def _released_code_replica(seed: torch.Tensor, experts: list[torch.Tensor], lam:
 
 def test_modality_arithmetic_matches_formula_not_aliased_code():
     spec = get_method("modality_arithmetic")
-    assert spec.needs_base and spec.defaults == {"scaling": 0.75}
+    assert spec.needs_base and set(spec.defaults) == {"scaling"}
     seed, v, lang = torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([5.0])
     out = spec.fn([v, lang], seed, scaling=0.75)
     # theta_0 + 0.75 * ((3 - 1) + (5 - 1)) = 1 + 4.5
@@ -67,6 +67,28 @@ def test_modality_arithmetic_needs_base(tmp_path):
     make_vit(tmp_path / "b", seed=2)
     with pytest.raises(ConfigError, match="base_model"):
         merge([tmp_path / "a", tmp_path / "b"], "modality_arithmetic", quiet=True)
+
+
+def test_paper_names_merge_like_the_methods_they_alias(tmp_path):
+    # interpolation is average and modality_arithmetic is task_arithmetic under the paper's names:
+    # same weights for the same parameters, on real models (heads included).
+    base = make_vit(tmp_path / "base", seed=0)
+    for i in (1, 2, 3):
+        make_vit(tmp_path / f"m{i}", seed=i, base=base)
+    paths = [tmp_path / f"m{i}" for i in (1, 2, 3)]
+    b = str(tmp_path / "base")
+    pairs = [
+        (("interpolation", {"weights": [0.2, 0.3, 0.5]}), ("average", {"weights": [0.2, 0.3, 0.5]})),
+        (("modality_arithmetic", {"base_model": b}), ("task_arithmetic", {"base_model": b, "scaling": 0.75})),
+    ]
+    for (name, kw), (same, same_kw) in pairs:
+        x, y = merge(paths, name, quiet=True, **kw), merge(paths, same, quiet=True, **same_kw)
+        sx, sy = (ViTAdapter.from_model(m).state_dict(m) for m in (x, y))
+        assert sx.keys() == sy.keys()
+        for key in sx:
+            torch.testing.assert_close(sx[key], sy[key], rtol=0, atol=0, msg=f"{name} {key}")
+    with pytest.raises(ValueError, match="interpolation: got 1 weights"):
+        get_method("interpolation").fn([torch.zeros(2), torch.ones(2)], None, weights=[1.0])
 
 
 # ----------------------------------------------------------------------------- per-group recipes

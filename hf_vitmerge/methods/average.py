@@ -8,6 +8,26 @@ from ._stack import stacked
 from .registry import merge_method
 
 
+def weighted_average(
+    tensors: list[torch.Tensor], weights: list | None, method: str = "average"
+) -> torch.Tensor:
+    """``sum_k w_k tensors[k]`` with ``weights`` normalised to sum to one (uniform when None).
+
+    Weighted sums are computed in float64 and returned in the inputs' dtype; errors name ``method``.
+    """
+    if weights is None:
+        return stacked(tensors).sum(0).div_(len(tensors))
+    k = len(tensors)
+    if len(weights) != k:
+        raise ValueError(f"{method}: got {len(weights)} weights for {k} models; give one per model")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"{method}: weights must be finite, non-negative and not all zero, got {weights}")
+    w = w / w.sum()
+    out = torch.einsum("k,k...->...", w, stacked(tensors).to(torch.float64))
+    return out.to(tensors[0].dtype)
+
+
 @merge_method("average", reference="https://arxiv.org/abs/2203.05482", aliases=("linear",))
 def average(
     tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, weights: list | None = None, **_
@@ -17,13 +37,4 @@ def average(
     ``weights`` (optional) gives one non-negative weight per model; they are normalised to
     sum to one, so a single model with weight 1 is returned unchanged.
     """
-    if weights is None:
-        return stacked(tensors).sum(0).div_(len(tensors))
-    if len(weights) != len(tensors):
-        raise ValueError(f"average: got {len(weights)} weights for {len(tensors)} models")
-    w = torch.tensor(weights, dtype=tensors[0].dtype)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"average: weights must be non-negative and not all zero, got {weights}")
-    w = w / w.sum()
-    x = stacked(tensors)
-    return (w @ x.reshape(len(tensors), -1)).reshape(x.shape[1:])
+    return weighted_average(tensors, weights)

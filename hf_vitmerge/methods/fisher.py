@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..merging import MergeContext, MergeResult, read_heads
+from .base import MergeContext, MergeResult, read_heads
 from .registry import merge_method
 
 _PER_SAMPLE_BUDGET = 2**28  # bytes of per-example gradients held at once (chunks the vmap)

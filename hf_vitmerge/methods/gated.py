@@ -27,6 +27,7 @@ import math
 import torch
 
 from ..arch import ViTAdapter
+from .base import MergeResult, merged_config_dict, read_heads, union_labels
 from .registry import get_method, merge_method
 
 SIMILARITY_ON = ("weights", "task_vectors")
@@ -146,7 +147,6 @@ def gated(
 
     from ..data import load_task_data
     from ..gate import gate_pixels, load_gate, train_gate
-    from ..merging import MergeResult, merged_config_dict, read_heads, union_labels
     from ..modeling.gated import GRANULARITIES, GatedMergedViTForImageClassification, GatedViTConfig
 
     adapter = ctx.adapter

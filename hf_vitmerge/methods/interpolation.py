@@ -10,12 +10,16 @@ and ``1/3``. Here the weights are given directly (``weights: [r, 1 - r]`` reprod
 ``[2r/3, 2(1-r)/3, 1/3]`` the second). Deviation: the paper's model shares its embeddings and
 layer-scale tensors, which its code copies unchanged; K separate ViTs have one copy each, so every
 tensor (embeddings and final LayerNorm included) is interpolated.
+
+The maths is :func:`~hf_vitmerge.methods.average.average` with weights: this method is ``average``
+under the paper's name and reference (one implementation, :func:`weighted_average`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .average import weighted_average
 from .registry import merge_method
 
 
@@ -28,16 +32,4 @@ def interpolation(
     ``weights``: one non-negative number per model, normalised to sum to one (default: uniform,
     the paper's ``merge_ratio = 0.5``). A model's ``weight:`` in the config fills this list.
     """
-    k = len(tensors)
-    if weights is None:
-        weights = [1.0] * k
-    if len(weights) != k:
-        raise ValueError(f"interpolation: got {len(weights)} weights for {k} models; give one per model")
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(
-            f"interpolation: weights must be finite, non-negative and not all zero, got {weights}"
-        )
-    w = w / w.sum()
-    out = torch.einsum("k,k...->...", w, torch.stack(tensors).to(torch.float64))
-    return out.to(tensors[0].dtype)
+    return weighted_average(tensors, weights, method="interpolation")

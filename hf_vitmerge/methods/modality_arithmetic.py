@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .registry import merge_method
-from .task_arithmetic import task_vectors
+from .task_arithmetic import task_arithmetic
 
 
 @merge_method("modality_arithmetic", needs_base=True, reference="https://arxiv.org/abs/2304.14933")
@@ -33,8 +33,9 @@ def modality_arithmetic(
 
     ``base_model`` is the seed (modality-agnostic) pre-trained model. The formula equals
     ``task_arithmetic``; what differs is the paper's default lambda (0.75) and the setting (the
-    inputs are modality- or domain-specific continuations of one seed model).
+    inputs are modality- or domain-specific continuations of one seed model), so this method is
+    ``task_arithmetic`` under the paper's name, reference and default.
     """
     if base is None:
         raise ValueError("modality_arithmetic needs the seed model as `base_model`")
-    return base + scaling * task_vectors(tensors, base).sum(0)
+    return task_arithmetic(tensors, base, scaling=scaling)

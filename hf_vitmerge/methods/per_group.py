@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import KINDS
-from ..merging import MergeContext, MergeResult, read_heads
+from .base import MergeContext, MergeResult, read_heads
 from .registry import MethodSpec, get_method
 
 BACKBONE_KINDS = tuple(k for k in KINDS if k != "head")

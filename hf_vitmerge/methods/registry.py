@@ -6,7 +6,7 @@ Two kinds of method exist:
   parameter. The engine streams these from safetensors one key at a time, so memory stays
   near one model plus the output (mergekit's idea, without its task graph).
 * ``model``: needs whole models, activation statistics or training (alignment, RegMean,
-  Fisher, gated). It receives a :class:`~hf_vitmerge.merging.MergeContext`.
+  Fisher, gated). It receives a :class:`~hf_vitmerge.methods.base.MergeContext`.
 
 The function's keyword parameters with defaults *are* the parameter schema: unknown keys
 in a config are rejected with the list of valid ones.
@@ -14,11 +14,30 @@ in a config are rejected with the list of valid ones.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _REGISTRY: dict[str, MethodSpec] = {}
+_LOADED = False
+
+
+def _load_all() -> None:
+    """Import every method module of this package once, so that its decorator registers it.
+
+    A call-time scan of the folder (a module added to ``methods/`` registers itself), so no
+    module of the package imports the registry's users at import time.
+    """
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name not in ("registry", "base") and not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")
 
 
 @dataclass(frozen=True)
@@ -95,8 +114,6 @@ def merge_method(
 
 
 def get_method(name: str) -> MethodSpec:
-    from . import _load_all
-
     _load_all()
     try:
         return _REGISTRY[name]
@@ -107,7 +124,5 @@ def get_method(name: str) -> MethodSpec:
 
 
 def available_methods() -> list[str]:
-    from . import _load_all
-
     _load_all()
     return sorted({spec.name for spec in _REGISTRY.values()})

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from ..stats import collect_model_stats, source_cache_key
+from .base import MergeResult, read_heads
 from .registry import merge_method
 
 # role -> statistics point kind whose Gram is that layer's input Gram
@@ -93,8 +94,6 @@ def regmean_points(num_layers: int, with_head: bool) -> list[str]:
 def regmean(ctx, *, alpha: float = 0.9, ridge: float = 1e-6, normalize_gram: bool = True):
     """RegMean: per linear layer, the weights that best reproduce every model's outputs on its
     own data (closed form from input Grams); other parameters averaged."""
-    from ..merging import MergeResult, read_heads
-
     adapter = ctx.adapter
     num_layers = adapter.spec.num_layers
     merge_head = ctx.heads_mode == "shared" and bool(adapter.classifier_keys)

@@ -41,14 +41,13 @@ from ..alignment import (
     solve_unit,
     trunk_groups,
 )
+from .base import MergeResult
 from .registry import merge_method
 
 
 @merge_method("zipit", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053")
 def zipit(ctx, *, alpha: float = 0.5, beta: float = 0.5, stop_block: int | float | None = None):
     """ZipIt!: greedy zip of correlated features within and across models (optionally partial)."""
-    from ..merging import MergeResult
-
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"zipit: beta must be in [0, 1], got {beta}")
     if alpha > 1.0:
