@@ -200,6 +200,10 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     )
     info.update(ctx.timings)
     model = result.model if result.model is not None else assemble(ctx, result)
+    if config.heal is not None:
+        from .heal import heal_model
+
+        info.update(heal_model(ctx, model, config.heal))
     model.eval()
     return model, info
 

@@ -50,6 +50,8 @@ def mudsc(
     beta: float = 1.0,
     max_sweeps: int = 100,
     patience: int = 5,
+    repair: bool = True,
+    residual_features: str = "tokens",
 ):
     """MuDSC: dual-space (weight + activation) similarity, zip or Hungarian, coordinate descent."""
     if not 0.0 <= lam <= 1.0:
@@ -66,7 +68,7 @@ def mudsc(
         if ctx.heads_mode == "shared"
         else [{k: v for k, v in st.items() if adapter.info(k).kind != "head"} for st in states]
     )
-    act = activation_similarities(ctx, groups, states)
+    act = activation_similarities(ctx, groups, states, residual_features=residual_features)
     owners = axis_owners(groups)
     num = len(ctx.sources)
     units = alignment_units(groups)
@@ -86,7 +88,8 @@ def mudsc(
     for unit in units:
         for g in unit:
             scores[g.name] = matched_similarity(combined(g), num, transforms[g.name][1])
-    best, best_score = dict(transforms), sum(scores.values()) / len(scores)
+    best, best_scores = dict(transforms), dict(scores)
+    best_score = sum(scores.values()) / len(scores)
     gen = ctx.generator("mudsc")
     history = [round(best_score, 6)]
     stale = 0
@@ -100,8 +103,11 @@ def mudsc(
         score = sum(scores.values()) / len(scores)
         history.append(round(score, 6))
         if score > best_score + 1e-9:
-            best, best_score, stale = dict(transforms), score, 0
+            best, best_scores, best_score, stale = dict(transforms), dict(scores), score, 0
         else:
+            # as the released code: a sweep that does not improve is undone (the next sweep
+            # starts again from the best solution, in a new random order)
+            transforms, scores = dict(best), dict(best_scores)
             stale += 1
             if stale >= patience:
                 break
@@ -112,5 +118,7 @@ def mudsc(
         "beta": beta,
         "sweeps": len(history) - 1,
         "objective": history,
+        "best_objective": round(best_score, 6),
+        "residual_features": residual_features,
     }
-    return aligned_result(ctx, states, best, info)
+    return aligned_result(ctx, states, best, info, repair=repair)

@@ -43,18 +43,33 @@ from ..alignment import (
 )
 from .registry import merge_method
 
+# (alpha, beta) used when the parameter is left unset, per mode (see the module docstring)
+FULL_ZIP_DEFAULTS = (0.5, 0.5)
+PARTIAL_ZIP_DEFAULTS = (0.5, 1.0)
+
 
 @merge_method("zipit", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053")
-def zipit(ctx, *, alpha: float = 0.5, beta: float = 0.5, stop_block: int | float | None = None):
+def zipit(
+    ctx,
+    *,
+    alpha: float | None = None,
+    beta: float | None = None,
+    stop_block: int | float | None = None,
+    repair: bool = True,
+    residual_features: str = "tokens",
+):
     """ZipIt!: greedy zip of correlated features within and across models (optionally partial)."""
     from ..merging import MergeResult
 
+    adapter = ctx.adapter
+    stop = resolve_stop_block(stop_block, adapter.spec.num_layers)
+    mode_alpha, mode_beta = FULL_ZIP_DEFAULTS if stop is None else PARTIAL_ZIP_DEFAULTS
+    alpha = mode_alpha if alpha is None else float(alpha)
+    beta = mode_beta if beta is None else float(beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"zipit: beta must be in [0, 1], got {beta}")
     if alpha > 1.0:
         raise ValueError(f"zipit: alpha must be <= 1, got {alpha}")
-    adapter = ctx.adapter
-    stop = resolve_stop_block(stop_block, adapter.spec.num_layers)
     if stop is not None and ctx.heads_mode == "shared":
         raise ValueError(
             "zipit: a partial zip (stop_block) keeps one head per model and needs models with their own "
@@ -62,11 +77,16 @@ def zipit(ctx, *, alpha: float = 0.5, beta: float = 0.5, stop_block: int | float
         )
     groups = adapter.groups() if stop is None else trunk_groups(adapter.groups(), stop)
     states = load_states(ctx, adapter.keys)
-    sims = activation_similarities(ctx, groups, states, stop_block=stop)
+    sims = activation_similarities(ctx, groups, states, stop_block=stop, residual_features=residual_features)
     transforms = {}
     for unit in alignment_units(groups):
         transforms.update(solve_unit(unit, sims, len(ctx.sources), solver="zip", alpha=alpha, beta=beta))
-    info = {"alpha": alpha, "beta": beta, "stop_block": stop}
+    info = {"alpha": alpha, "beta": beta, "stop_block": stop, "residual_features": residual_features}
     if stop is None:
-        return aligned_result(ctx, states, transforms, info)
-    return MergeResult(model=build_partial_zip(ctx, states, transforms, stop), info=info)
+        return aligned_result(ctx, states, transforms, info, repair=repair)
+    model = build_partial_zip(ctx, states, transforms, stop)
+    if repair:
+        from ..repair import repair_model
+
+        info.update(repair_model(ctx, model, transforms, stop=stop))
+    return MergeResult(model=model, info=info)
