@@ -208,12 +208,74 @@ def repair_model(ctx, model: nn.Module, transforms: Mapping, stop: int | None = 
     else:
         layers = list(range(stop))
         blocks = list(model.trunk.layers)
-    if not layers:
-        return {"repair": True, "repair_seconds": 0.0}
-    stats = input_statistics(ctx, layers, batch_size)
-    targets = repair_targets(stats, transforms, layers)
-    model.to(device).eval()
+    info: dict = {}
     batches = pixel_batches(ctx, ctx.sources[0].image_processor(), batch_size, device)
-    info = repair_blocks(lambda px: model(pixel_values=px), blocks, layers, targets, batches)
+    if layers:
+        stats = input_statistics(ctx, layers, batch_size)
+        targets = repair_targets(stats, transforms, layers)
+        model.to(device).eval()
+        info.update(repair_blocks(lambda px: model(pixel_values=px), blocks, layers, targets, batches))
+    if stop is not None:
+        info.update(refit_unmerge(ctx, model, stop, batch_size, batches))
     model.to("cpu")
     return {"repair": True, **info, "repair_seconds": round(time.perf_counter() - start, 3)}
+
+
+def _split_point(adapter, model: nn.Module, stop: int) -> nn.Module:
+    """The module whose input is a model's residual stream after ``stop`` blocks."""
+    if stop < adapter.spec.num_layers:
+        return adapter.block(model, stop)
+    return adapter.module(model, "final_ln")
+
+
+def _capture_inputs(forward, batches, module: nn.Module) -> torch.Tensor:
+    """Every token's input to ``module`` over ``batches`` (``[tokens, d]``, float64, CPU); the
+    forward pass is cut right after."""
+    rows = []
+
+    def hook(_mod, inputs):
+        rows.append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64).cpu())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.inference_mode():
+            for px in batches:
+                with contextlib.suppress(_Stop):
+                    forward(px)
+    finally:
+        handle.remove()
+    return torch.cat(rows)
+
+
+def refit_unmerge(ctx, model: nn.Module, stop: int, batch_size: int, batches, ridge: float = 1e-6) -> dict:
+    """Refit a partial zip's residual unmerges by least squares: ``U_m = argmin E||x_m - U x*||^2``
+    over every token of the calibration images, where ``x*`` is the merged trunk's output and
+    ``x_m`` model ``m``'s own residual after ``stop`` blocks (ridge ``ridge * mean diag``). The
+    zip's 0/1 unmerge ignores that the merged features are averages; this is its best linear
+    replacement (the layer has no bias, so the fit is uncentred)."""
+    device = ctx.device
+    model.to(device).eval()
+    merged = _capture_inputs(lambda px: model(pixel_values=px), batches, model.tails[0].unmerge)
+    gram = merged.T @ merged
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    errors = []
+    for m, (source, original) in enumerate(zip(ctx.sources, ctx.models(), strict=True)):
+        original.to(device).eval()
+        own = pixel_batches(ctx, source.image_processor(), batch_size, device)
+        target = _capture_inputs(
+            lambda px, o=original: o(pixel_values=px), own, _split_point(source.adapter, original, stop)
+        )
+        original.to("cpu")
+        u = torch.linalg.solve(gram, merged.T @ target).T  # [d, d]: x_m ~ U x*
+        unmerge = model.tails[m].unmerge
+        before = (merged @ unmerge.weight.detach().to(torch.float64).cpu().T - target).pow(2).mean()
+        with torch.no_grad():
+            unmerge.weight.copy_(u.to(unmerge.weight.dtype))
+        after = (merged @ u.T - target).pow(2).mean()
+        errors.append((float(before), float(after), float(target.pow(2).mean())))
+    return {
+        "unmerge_refit": "least squares",
+        "unmerge_rel_error_before": round(sum(e[0] / e[2] for e in errors) / len(errors), 4),
+        "unmerge_rel_error_after": round(sum(e[1] / e[2] for e in errors) / len(errors), 4),
+    }
