@@ -137,3 +137,17 @@ def test_heal_reduces_the_distillation_loss_and_never_reads_a_test_split(micro_s
     assert "involved training" in info["training_note"]
     assert loaded and all("/test" not in path and split != "test" for path, split in loaded)
     assert type(model).__name__ == "ViTForImageClassification"
+
+
+@torch.no_grad()
+def test_partial_zip_logits_follow_the_one_joint_rule(different_pair):
+    from hf_vitmerge.evaluation import joint_predictions
+
+    models, data = different_pair
+    merged = merge(models, "zipit", data=data, quiet=True, stop_block=1)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = merged(x)
+    blocks = [out.logits[:, :3], out.logits[:, 3:]]
+    rule = joint_predictions([torch.as_tensor(t) for t in out.task_logits])
+    assert torch.equal(joint_predictions(blocks), rule) and torch.equal(out.logits.argmax(-1), rule)
+    torch.testing.assert_close(torch.cat([torch.log_softmax(b, -1) for b in blocks], -1), out.logits)

@@ -10,11 +10,15 @@ together) serves QK and VO, so the merged model keeps its head structure.
 
 Parameters:
 
-* ``alpha`` = 0.5, ``beta`` = 0.5: the repeated-matching decay and the within-model merge
-  share (budget ``floor(floor((N-1) d / N) * beta)`` per model). The paper tunes them per
-  setting (released scripts: CIFAR 1e-4 / 0.075, ImageNet full zip 1.0 / 0, partial zip
-  0.5 / 1.0, multi-dataset 0.7 / 0.15) and reports no ViT setting; 0.5 / 0.5 sits in the middle
-  of its grid. ``beta = 0`` gives greedy permute-then-average.
+* ``alpha``, ``beta``: the repeated-matching decay and the within-model merge share (budget
+  ``floor(floor((N-1) d / N) * beta)`` per model). Left unset they take a per-mode default:
+  full zip 0.5 / 0.5, partial zip 0.5 / 1.0 (the released code's ImageNet partial-zip setting;
+  its full zip uses 1.0 / 0, other scripts CIFAR 1e-4 / 0.075, multi-dataset 0.7 / 0.15). The
+  paper reports no ViT setting. ``beta = 0`` gives greedy permute-then-average.
+* ``repair`` (default true): REPAIR after the merge (:mod:`hf_vitmerge.repair`); for a partial
+  zip it also refits the residual unmerges by least squares.
+* ``residual_features``: ``cls``, ``tokens`` (default) or ``layernorms``: where the residual
+  statistics come from (:func:`hf_vitmerge.alignment.residual_points`).
 * ``stop_block``: ``None`` zips the whole network; an int ``s`` (or a fraction of the depth,
   e.g. 0.5) zips the embeddings and blocks ``< s`` and lets every model keep its own blocks
   ``>= s``, final LayerNorm and head, fed from the merged residual through an explicit per-model
