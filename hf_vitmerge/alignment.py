@@ -229,7 +229,7 @@ RESIDUAL_FEATURES = ("cls", "tokens", "layernorms")
 
 
 def residual_points(
-    adapter: ViTAdapter, stop_block: int | None = None, residual_features: str = "tokens"
+    adapter: ViTAdapter, stop_block: int | None = None, residual_features: str = "layernorms"
 ) -> list[str]:
     """Where the residual stream's statistics come from (their sign-corrected correlations are
     averaged when there are several):
@@ -278,7 +278,7 @@ def activation_similarities(
     states,
     *,
     stop_block: int | None = None,
-    residual_features: str = "tokens",
+    residual_features: str = "layernorms",
 ) -> dict[str, torch.Tensor]:
     """Joint activation correlations of every group (``collect_joint_stats`` on the
     concatenated calibration data of all tasks); the residual's is the mean of the

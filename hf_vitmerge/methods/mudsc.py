@@ -51,7 +51,7 @@ def mudsc(
     max_sweeps: int = 100,
     patience: int = 5,
     repair: bool = True,
-    residual_features: str = "tokens",
+    residual_features: str = "layernorms",
 ):
     """MuDSC: dual-space (weight + activation) similarity, zip or Hungarian, coordinate descent."""
     if not 0.0 <= lam <= 1.0:

@@ -21,7 +21,7 @@ from .registry import merge_method
 
 
 @merge_method("permute", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053")
-def permute(ctx, *, reference: str = "first", repair: bool = True, residual_features: str = "tokens"):
+def permute(ctx, *, reference: str = "first", repair: bool = True, residual_features: str = "layernorms"):
     """Permute-then-average: Hungarian matching of activation correlations (head-aware), then averaging."""
     adapter = ctx.adapter
     groups = adapter.groups()

@@ -17,7 +17,7 @@ Parameters:
   paper reports no ViT setting. ``beta = 0`` gives greedy permute-then-average.
 * ``repair`` (default true): REPAIR after the merge (:mod:`hf_vitmerge.repair`); for a partial
   zip it also refits the residual unmerges by least squares.
-* ``residual_features``: ``cls``, ``tokens`` (default) or ``layernorms``: where the residual
+* ``residual_features``: ``cls``, ``tokens`` or ``layernorms`` (default): where the residual
   statistics come from (:func:`hf_vitmerge.alignment.residual_points`).
 * ``stop_block``: ``None`` zips the whole network; an int ``s`` (or a fraction of the depth,
   e.g. 0.5) zips the embeddings and blocks ``< s`` and lets every model keep its own blocks
@@ -60,7 +60,7 @@ def zipit(
     beta: float | None = None,
     stop_block: int | float | None = None,
     repair: bool = True,
-    residual_features: str = "tokens",
+    residual_features: str = "layernorms",
 ):
     """ZipIt!: greedy zip of correlated features within and across models (optionally partial)."""
     from ..merging import MergeResult
