@@ -248,7 +248,7 @@ def _capture_inputs(forward, batches, module: nn.Module) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def refit_unmerge(ctx, model: nn.Module, stop: int, batch_size: int, batches, ridge: float = 1e-6) -> dict:
+def refit_unmerge(ctx, model: nn.Module, stop: int, batch_size: int, batches, ridge: float = 1e-9) -> dict:
     """Refit a partial zip's residual unmerges by least squares: ``U_m = argmin E||x_m - U x*||^2``
     over every token of the calibration images, where ``x*`` is the merged trunk's output and
     ``x_m`` model ``m``'s own residual after ``stop`` blocks (ridge ``ridge * mean diag``). The
