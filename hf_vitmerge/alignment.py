@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .arch import MergeGroup, ViTAdapter
+from .assembly import assemble
 from .matching import (
     Transforms,
     hungarian_match,
@@ -226,45 +227,77 @@ def load_states(ctx, keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
     return states
 
 
-def residual_point(adapter: ViTAdapter, stop_block: int | None = None) -> str:
-    """Where the residual stream's statistics come from: the classifier input (final-LN CLS,
-    as in MuDSC) for a full merge, the input of block ``stop_block``'s attention (its ln1
-    output) for a partial zip, whose tails start there."""
-    if stop_block is None or stop_block >= adapter.spec.num_layers:
-        return "residual"
-    return f"attn_in.{stop_block}"
+RESIDUAL_FEATURES = ("cls", "tokens", "layernorms")
+
+
+def residual_points(
+    adapter: ViTAdapter, stop_block: int | None = None, residual_features: str = "layernorms"
+) -> list[str]:
+    """Where the residual stream's statistics come from (their sign-corrected correlations are
+    averaged when there are several):
+
+    * ``"cls"``: the classifier input (final-LN CLS token, one vector per image, as in MuDSC);
+    * ``"tokens"``: the final-LN output at every token (ZipIt! hooks every position);
+    * ``"layernorms"``: every LayerNorm output the residual feeds (ln1 and ln2 of each block and
+      the final LN), every token (Verma & Elbayad's ``res=all``).
+
+    A partial zip's tails start at block ``stop_block``'s ln1, so its residual point is that
+    output (every token), and ``"layernorms"`` adds the ln1/ln2 outputs of the trunk blocks.
+    """
+    if residual_features not in RESIDUAL_FEATURES:
+        raise ValueError(
+            f"residual_features must be one of {', '.join(RESIDUAL_FEATURES)}, got {residual_features!r}"
+        )
+    num = adapter.spec.num_layers
+    partial = stop_block is not None and stop_block < num
+    last = (
+        f"attn_in.{stop_block}"
+        if partial
+        else ("residual" if residual_features == "cls" else "residual_tokens")
+    )
+    if residual_features != "layernorms":
+        return [last]
+    upto = stop_block if partial else num
+    points = [p for i in range(upto) for p in (f"attn_in.{i}", f"fc1_in.{i}")]
+    return points + [last]
 
 
 def _ln_signs(states, adapter: ViTAdapter, point: str) -> torch.Tensor:
     """``sign(gamma)`` of the LayerNorm producing ``point``, stacked over models: a negative
     LayerNorm scale flips a feature's sign at the statistics point but not in the residual."""
-    key = (
-        adapter.key("final_ln", "weight")
-        if point == "residual"
-        else adapter.key("ln1", "weight", int(point.split(".")[1]))
-    )
+    if point in ("residual", "residual_tokens"):
+        key = adapter.key("final_ln", "weight")
+    else:
+        kind, _, layer = point.partition(".")
+        key = adapter.key("ln1" if kind == "attn_in" else "ln2", "weight", int(layer))
     signs = torch.cat([torch.sign(st[key].to(torch.float64)) for st in states])
     return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def activation_similarities(
-    ctx, groups: Sequence[MergeGroup], states, *, stop_block: int | None = None
+    ctx,
+    groups: Sequence[MergeGroup],
+    states,
+    *,
+    stop_block: int | None = None,
+    residual_features: str = "layernorms",
 ) -> dict[str, torch.Tensor]:
     """Joint activation correlations of every group (``collect_joint_stats`` on the
-    concatenated calibration data of all tasks); the statistics time goes to
+    concatenated calibration data of all tasks); the residual's is the mean of the
+    sign-corrected correlations at :func:`residual_points`. The statistics time goes to
     ``ctx.timings["stats_seconds"]``."""
     from .stats import collect_joint_stats, source_cache_key
 
     adapter = ctx.adapter
-    res_point = residual_point(adapter, stop_block)
-    point_of = {g.name: (res_point if g.kind == "residual" else g.name) for g in groups}
+    res_points = residual_points(adapter, stop_block, residual_features)
+    wanted = list(res_points) + [g.name for g in groups if g.kind != "residual"]
     calib = ctx.config.calibration
     start = time.perf_counter()
     stats = collect_joint_stats(
         ctx.models(),
         [ctx.calibration_data(i) for i in range(len(ctx.sources))],
         [s.image_processor() for s in ctx.sources],
-        list(dict.fromkeys(point_of.values())),
+        list(dict.fromkeys(wanted)),
         batch_size=calib.batch_size,
         device=ctx.device,
         mixed_precision=calib.mixed_precision,
@@ -276,12 +309,15 @@ def activation_similarities(
         ctx.timings.get("stats_seconds", 0.0) + time.perf_counter() - start, 3
     )
     sims = {}
-    for name, point in point_of.items():
-        corr = stats[point].correlation()
-        if name == "residual":
+    for g in groups:
+        if g.kind != "residual":
+            sims[g.name] = stats[g.name].correlation()
+            continue
+        total = 0
+        for point in res_points:
             sign = _ln_signs(states, adapter, point)
-            corr = corr * sign[:, None] * sign[None, :]
-        sims[name] = corr
+            total = total + stats[point].correlation() * sign[:, None] * sign[None, :]
+        sims[g.name] = total / len(res_points)
     return sims
 
 
@@ -293,12 +329,20 @@ def heads_of(ctx, states, transforms: Mapping[str, Transforms]) -> list[tuple[to
     return [head_in_merged_basis(st[wk], st[bk], u) for st, u in zip(states, us, strict=True)]
 
 
-def aligned_result(ctx, states, transforms: TransformSet, info: dict):
+def aligned_result(ctx, states, transforms: TransformSet, info: dict, *, repair: bool = False):
     """The :class:`MergeResult` of a full alignment merge: the merged backbone and every model's
-    head in the merged residual basis (averaged by ``assemble`` when labels are shared)."""
+    head in the merged residual basis (averaged by ``assemble`` when labels are shared). With
+    ``repair`` the assembled model's feature statistics are restored (:mod:`hf_vitmerge.repair`)."""
     adapter = ctx.adapter
     backbone = merge_tensors(states, adapter.groups(), transforms, adapter.backbone_keys)
-    return MergeResult(backbone=backbone, heads=heads_of(ctx, states, transforms), info=info)
+    result = MergeResult(backbone=backbone, heads=heads_of(ctx, states, transforms), info=info)
+    if not repair:
+        return result
+    from .repair import repair_model
+
+    model = assemble(ctx, result)
+    info.update(repair_model(ctx, model, transforms))
+    return MergeResult(model=model, info=info)
 
 
 def resolve_stop_block(stop_block: int | float | None, num_layers: int) -> int | None:

@@ -295,9 +295,15 @@ def suite_config(
     device: str = "cpu",
     tasks: list[str] | None = None,
 ) -> MergeConfig:
-    """A merge config covering every task of a suite (train splits as calibration data)."""
+    """A merge config covering every task of a suite (train splits as calibration data).
+
+    A ``heal`` entry in ``parameters`` (as in ``zipit[heal={steps: 300}]``; ``true`` for the
+    defaults) becomes the config's ``heal:`` section."""
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     chosen = [suite.task(t) for t in tasks] if tasks else suite.tasks
+    parameters = dict(parameters or {})
+    heal = parameters.pop("heal", None)
+    heal = {} if heal is True else (None if heal is False else heal)
     return load_config(
         {
             "method": method,
@@ -314,8 +320,9 @@ def suite_config(
                 }
                 for t in chosen
             ],
-            "parameters": parameters or {},
+            "parameters": parameters,
             "heads": heads,
+            "heal": heal,
             "seed": seed,
             "device": device,
             "calibration": {"samples_per_task": samples_per_task},
@@ -520,8 +527,12 @@ def _effective_params(config: MergeConfig) -> dict:
     from .methods import get_method
 
     if config.groups or config.method == "per_group":
-        return dict(config.parameters)
-    return get_method(config.method).validate_params(config.parameters)
+        params = dict(config.parameters)
+    else:
+        params = get_method(config.method).validate_params(config.parameters)
+    if config.heal is not None:
+        params["heal"] = config.heal.model_dump()
+    return params
 
 
 def _write_text(path: Path, text: str) -> None:

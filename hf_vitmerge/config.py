@@ -48,6 +48,15 @@ class CalibrationConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
 
+class HealConfig(_Strict):
+    """A short distillation of the inputs' ensemble into the merged model (``heal:``)."""
+
+    steps: int = Field(300, gt=0, description="optimisation steps")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (linear decay, 10% warm-up)")
+    samples_per_task: int = Field(512, gt=0, description="calibration images per task")
+    batch_size: int = Field(32, gt=0)
+
+
 class GroupRecipe(_Strict):
     method: str
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -66,6 +75,9 @@ class MergeConfig(_Strict):
     )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     heads: Literal["auto", "shared", "union", "multi"] = "auto"
+    heal: HealConfig | None = Field(
+        None, description="optional: distil the inputs' ensemble into the merged model (training)"
+    )
     seed: int = 0
     device: str = "cpu"
     evaluation_suite: str | None = Field(None, description="suite.json to evaluate the merged model on")

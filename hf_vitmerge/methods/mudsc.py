@@ -40,6 +40,15 @@ from ..matching import matched_similarity
 from .registry import merge_method
 
 
+def _check_params(lam: float, solver: str, max_sweeps: int, patience: int) -> None:
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"mudsc: lam must be in [0, 1], got {lam}")
+    if solver not in ("zip", "hungarian"):
+        raise ValueError(f"mudsc: solver must be 'zip' or 'hungarian', got {solver!r}")
+    if max_sweeps < 0 or patience < 1:
+        raise ValueError(f"mudsc: need max_sweeps >= 0 and patience >= 1, got {max_sweeps}, {patience}")
+
+
 @merge_method("mudsc", kind="model", needs_data=True, reference="https://arxiv.org/abs/2403.01753")
 def mudsc(
     ctx,
@@ -50,14 +59,11 @@ def mudsc(
     beta: float = 1.0,
     max_sweeps: int = 100,
     patience: int = 5,
+    repair: bool = True,
+    residual_features: str = "layernorms",
 ):
     """MuDSC: dual-space (weight + activation) similarity, zip or Hungarian, coordinate descent."""
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"mudsc: lam must be in [0, 1], got {lam}")
-    if solver not in ("zip", "hungarian"):
-        raise ValueError(f"mudsc: solver must be 'zip' or 'hungarian', got {solver!r}")
-    if max_sweeps < 0 or patience < 1:
-        raise ValueError(f"mudsc: need max_sweeps >= 0 and patience >= 1, got {max_sweeps}, {patience}")
+    _check_params(lam, solver, max_sweeps, patience)
     adapter = ctx.adapter
     groups = adapter.groups()
     states = load_states(ctx, adapter.keys)
@@ -66,7 +72,7 @@ def mudsc(
         if ctx.heads_mode == "shared"
         else [{k: v for k, v in st.items() if adapter.info(k).kind != "head"} for st in states]
     )
-    act = activation_similarities(ctx, groups, states)
+    act = activation_similarities(ctx, groups, states, residual_features=residual_features)
     owners = axis_owners(groups)
     num = len(ctx.sources)
     units = alignment_units(groups)
@@ -86,7 +92,8 @@ def mudsc(
     for unit in units:
         for g in unit:
             scores[g.name] = matched_similarity(combined(g), num, transforms[g.name][1])
-    best, best_score = dict(transforms), sum(scores.values()) / len(scores)
+    best, best_scores = dict(transforms), dict(scores)
+    best_score = sum(scores.values()) / len(scores)
     gen = ctx.generator("mudsc")
     history = [round(best_score, 6)]
     stale = 0
@@ -100,8 +107,11 @@ def mudsc(
         score = sum(scores.values()) / len(scores)
         history.append(round(score, 6))
         if score > best_score + 1e-9:
-            best, best_score, stale = dict(transforms), score, 0
+            best, best_scores, best_score, stale = dict(transforms), dict(scores), score, 0
         else:
+            # as the released code: a sweep that does not improve is undone (the next sweep
+            # starts again from the best solution, in a new random order)
+            transforms, scores = dict(best), dict(best_scores)
             stale += 1
             if stale >= patience:
                 break
@@ -112,5 +122,7 @@ def mudsc(
         "beta": beta,
         "sweeps": len(history) - 1,
         "objective": history,
+        "best_objective": round(best_score, 6),
+        "residual_features": residual_features,
     }
-    return aligned_result(ctx, states, best, info)
+    return aligned_result(ctx, states, best, info, repair=repair)

@@ -21,17 +21,18 @@ from .registry import merge_method
 
 
 @merge_method("permute", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053")
-def permute(ctx, *, reference: str = "first"):
+def permute(ctx, *, reference: str = "first", repair: bool = True, residual_features: str = "layernorms"):
     """Permute-then-average: Hungarian matching of activation correlations (head-aware), then averaging."""
     adapter = ctx.adapter
     groups = adapter.groups()
     states = load_states(ctx, adapter.keys)
-    sims = activation_similarities(ctx, groups, states)
+    sims = activation_similarities(ctx, groups, states, residual_features=residual_features)
     transforms = {}
     for unit in alignment_units(groups):
         transforms.update(solve_unit(unit, sims, len(ctx.sources), solver="hungarian", reference=reference))
     info = {
         "alignment": "activation correlation, Hungarian, shared QK/VO head assignment",
         "reference": reference,
+        "residual_features": residual_features,
     }
-    return aligned_result(ctx, states, transforms, info)
+    return aligned_result(ctx, states, transforms, info, repair=repair)

@@ -32,7 +32,7 @@ from .registry import merge_method
 
 
 @merge_method("weight_matching", kind="model", needs_data=False, reference="https://arxiv.org/abs/2209.04836")
-def weight_matching(ctx, *, max_sweeps: int = 100, reference: str = "first"):
+def weight_matching(ctx, *, max_sweeps: int = 100, reference: str = "first", repair: bool = True):
     """Git Re-Basin weight matching (coordinate descent on weight inner products), then averaging."""
     if max_sweeps < 1:
         raise ValueError(f"weight_matching: max_sweeps must be >= 1, got {max_sweeps}")
@@ -65,4 +65,8 @@ def weight_matching(ctx, *, max_sweeps: int = 100, reference: str = "first"):
         if not changed:
             break
     info = {"alignment": "weight inner products, Hungarian, coordinate descent", "sweeps": sweeps}
-    return aligned_result(ctx, states, transforms, info)
+    if repair and any(m.data is None for m in ctx.config.models):
+        # REPAIR needs calibration images; weight matching itself does not, so it runs without.
+        repair = False
+        info["repair_note"] = "skipped: not every model has calibration `data:`"
+    return aligned_result(ctx, states, transforms, info, repair=repair)

@@ -10,11 +10,15 @@ together) serves QK and VO, so the merged model keeps its head structure.
 
 Parameters:
 
-* ``alpha`` = 0.5, ``beta`` = 0.5: the repeated-matching decay and the within-model merge
-  share (budget ``floor(floor((N-1) d / N) * beta)`` per model). The paper tunes them per
-  setting (released scripts: CIFAR 1e-4 / 0.075, ImageNet full zip 1.0 / 0, partial zip
-  0.5 / 1.0, multi-dataset 0.7 / 0.15) and reports no ViT setting; 0.5 / 0.5 sits in the middle
-  of its grid. ``beta = 0`` gives greedy permute-then-average.
+* ``alpha``, ``beta``: the repeated-matching decay and the within-model merge share (budget
+  ``floor(floor((N-1) d / N) * beta)`` per model). Left unset they take a per-mode default:
+  full zip 0.5 / 0.5, partial zip 0.5 / 1.0 (the released code's ImageNet partial-zip setting;
+  its full zip uses 1.0 / 0, other scripts CIFAR 1e-4 / 0.075, multi-dataset 0.7 / 0.15). The
+  paper reports no ViT setting. ``beta = 0`` gives greedy permute-then-average.
+* ``repair`` (default true): REPAIR after the merge (:mod:`hf_vitmerge.repair`); for a partial
+  zip it also refits the residual unmerges by least squares.
+* ``residual_features``: ``cls``, ``tokens`` or ``layernorms`` (default): where the residual
+  statistics come from (:func:`hf_vitmerge.alignment.residual_points`).
 * ``stop_block``: ``None`` zips the whole network; an int ``s`` (or a fraction of the depth,
   e.g. 0.5) zips the embeddings and blocks ``< s`` and lets every model keep its own blocks
   ``>= s``, final LayerNorm and head, fed from the merged residual through an explicit per-model
@@ -44,16 +48,31 @@ from ..alignment import (
 from .base import MergeResult
 from .registry import merge_method
 
+# (alpha, beta) used when the parameter is left unset, per mode (see the module docstring)
+FULL_ZIP_DEFAULTS = (0.5, 0.5)
+PARTIAL_ZIP_DEFAULTS = (0.5, 1.0)
+
 
 @merge_method("zipit", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053")
-def zipit(ctx, *, alpha: float = 0.5, beta: float = 0.5, stop_block: int | float | None = None):
+def zipit(
+    ctx,
+    *,
+    alpha: float | None = None,
+    beta: float | None = None,
+    stop_block: int | float | None = None,
+    repair: bool = True,
+    residual_features: str = "layernorms",
+):
     """ZipIt!: greedy zip of correlated features within and across models (optionally partial)."""
+    adapter = ctx.adapter
+    stop = resolve_stop_block(stop_block, adapter.spec.num_layers)
+    mode_alpha, mode_beta = FULL_ZIP_DEFAULTS if stop is None else PARTIAL_ZIP_DEFAULTS
+    alpha = mode_alpha if alpha is None else float(alpha)
+    beta = mode_beta if beta is None else float(beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"zipit: beta must be in [0, 1], got {beta}")
     if alpha > 1.0:
         raise ValueError(f"zipit: alpha must be <= 1, got {alpha}")
-    adapter = ctx.adapter
-    stop = resolve_stop_block(stop_block, adapter.spec.num_layers)
     if stop is not None and ctx.heads_mode == "shared":
         raise ValueError(
             "zipit: a partial zip (stop_block) keeps one head per model and needs models with their own "
@@ -61,11 +80,16 @@ def zipit(ctx, *, alpha: float = 0.5, beta: float = 0.5, stop_block: int | float
         )
     groups = adapter.groups() if stop is None else trunk_groups(adapter.groups(), stop)
     states = load_states(ctx, adapter.keys)
-    sims = activation_similarities(ctx, groups, states, stop_block=stop)
+    sims = activation_similarities(ctx, groups, states, stop_block=stop, residual_features=residual_features)
     transforms = {}
     for unit in alignment_units(groups):
         transforms.update(solve_unit(unit, sims, len(ctx.sources), solver="zip", alpha=alpha, beta=beta))
-    info = {"alpha": alpha, "beta": beta, "stop_block": stop}
+    info = {"alpha": alpha, "beta": beta, "stop_block": stop, "residual_features": residual_features}
     if stop is None:
-        return aligned_result(ctx, states, transforms, info)
-    return MergeResult(model=build_partial_zip(ctx, states, transforms, stop), info=info)
+        return aligned_result(ctx, states, transforms, info, repair=repair)
+    model = build_partial_zip(ctx, states, transforms, stop)
+    if repair:
+        from ..repair import repair_model
+
+        info.update(repair_model(ctx, model, transforms, stop=stop))
+    return MergeResult(model=model, info=info)
