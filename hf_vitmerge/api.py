@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -258,6 +259,81 @@ class _PeakRSS:
         return round(self.peak / 2**20, 1)
 
 
+_ACCURACY_FIELDS = ("per_task_accuracy", "avg_task_accuracy", "normalized_accuracy", "joint_accuracy")
+
+
+def parse_seeds(text: str | int | list[int] | tuple[int, ...]) -> list[int]:
+    """``"0,1,2"`` (or an int, or a list) -> ``[0, 1, 2]``; duplicates and non-integers are errors."""
+    if isinstance(text, int):
+        return [text]
+    items = [s.strip() for s in text.split(",") if s.strip()] if isinstance(text, str) else list(text)
+    try:
+        seeds = [int(s) for s in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must list distinct integers such as 0,1,2, got {text!r}")
+    return seeds
+
+
+def _run_one(config: MergeConfig, suite: Suite, *, device: str, quiet: bool) -> dict:
+    """One merge of a bench: merge, time, evaluate; the per-seed result fields."""
+    from .evaluation import evaluate_model
+
+    ctx = prepare(config, quiet=quiet)
+    start = time.perf_counter()
+    with _PeakRSS() as mem:
+        model, info = execute(ctx)
+    total = time.perf_counter() - start
+    scores = evaluate_model(
+        model, suite, processor=ctx.sources[0].image_processor(), device=device, quiet=quiet
+    )
+    stats_s = info.get("stats_seconds", 0.0)
+    return {
+        "seed": config.seed,
+        "params": _effective_params(ctx.config),
+        **{k: scores[k] for k in _ACCURACY_FIELDS},
+        "merge_seconds": round(total - stats_s, 3),
+        "stats_seconds": round(stats_s, 3),
+        "peak_rss_mb": mem.peak_mb,
+        "num_parameters": scores["num_parameters"],
+        "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
+    }
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0.0 for one value); ``None`` where any value is ``None``."""
+    if any(v is None for v in values):
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate_seeds(method: str, runs: list[dict], *, with_seeds: bool = True) -> dict:
+    """One bench result from per-seed runs: accuracies are means, with ``*_std`` and ``per_seed``.
+
+    Without ``with_seeds`` (a plain single-seed bench) the one run is returned as it is.
+    """
+    if not with_seeds:
+        run = dict(runs[0])
+        run.pop("seed")
+        return {"method": method, **run}
+    tasks = list(runs[0]["per_task_accuracy"])
+    result = {"method": method, "params": runs[0]["params"], "seeds": [r["seed"] for r in runs]}
+    result["per_task_accuracy"] = {t: _mean_std([r["per_task_accuracy"][t] for r in runs])[0] for t in tasks}
+    for key in ("avg_task_accuracy", "normalized_accuracy", "joint_accuracy"):
+        result[key], result[f"{key}_std"] = _mean_std([r[key] for r in runs])
+    for key in ("merge_seconds", "stats_seconds", "peak_rss_mb"):
+        result[key] = round(statistics.fmean(r[key] for r in runs), 3)
+    result["num_parameters"] = runs[0]["num_parameters"]
+    result["info"] = runs[0]["info"]
+    result["per_seed"] = [
+        {k: r[k] for k in ("seed", "params", *_ACCURACY_FIELDS, "merge_seconds", "stats_seconds")}
+        for r in runs
+    ]
+    return result
+
+
 def bench(
     suite_path: str | os.PathLike,
     methods: str | list[tuple[str, dict]],
@@ -266,54 +342,45 @@ def bench(
     markdown_path: str | os.PathLike | None = None,
     heads: str = "auto",
     seed: int = 0,
+    seeds: str | list[int] | None = None,
     samples_per_task: int = 256,
     device: str = "cpu",
     quiet: bool = False,
 ) -> dict:
-    """Run several methods on one suite; return (and write) the INTERFACES.md §4 results."""
-    from .evaluation import evaluate_model, reference_results
+    """Run several methods on one suite; return (and write) the INTERFACES.md §4 results.
+
+    With ``seeds`` every method runs once per seed (calibration sample, random drops, gate
+    training: everything random follows the seed) and its result holds the means, the
+    standard deviations and each seed's figures. Every method spec is turned into a validated
+    config before the first merge runs, so a typo in the last method fails at once.
+    """
+    from .evaluation import reference_results
 
     suite = load_suite(suite_path)
+    seed_list = parse_seeds(seeds) if seeds is not None else [seed]
     items = parse_methods(methods) if isinstance(methods, str) else list(methods)
+    plans = [
+        (
+            name,
+            [
+                suite_config(
+                    suite, name, params, heads=heads, seed=s, samples_per_task=samples_per_task, device=device
+                )
+                for s in seed_list
+            ],
+        )
+        for name, params in items
+    ]
     report = {
         "suite": suite.name,
         "hf_vitmerge_version": __version__,
+        "seeds": seed_list,
         "reference": reference_results(suite, device=device, quiet=quiet),
         "results": [],
     }
-    for name, params in items:
-        config = suite_config(
-            suite, name, params, heads=heads, seed=seed, samples_per_task=samples_per_task, device=device
-        )
-        ctx = prepare(config, quiet=quiet)
-        start = time.perf_counter()
-        with _PeakRSS() as mem:
-            model, info = execute(ctx)
-        total = time.perf_counter() - start
-        scores = evaluate_model(
-            model, suite, processor=ctx.sources[0].image_processor(), device=device, quiet=quiet
-        )
-        stats_s = info.get("stats_seconds", 0.0)
-        report["results"].append(
-            {
-                "method": name,
-                "params": _effective_params(ctx.config),
-                **{
-                    k: scores[k]
-                    for k in (
-                        "per_task_accuracy",
-                        "avg_task_accuracy",
-                        "normalized_accuracy",
-                        "joint_accuracy",
-                    )
-                },
-                "merge_seconds": round(total - stats_s, 3),
-                "stats_seconds": round(stats_s, 3),
-                "peak_rss_mb": mem.peak_mb,
-                "num_parameters": scores["num_parameters"],
-                "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
-            }
-        )
+    for name, configs in plans:
+        runs = [_run_one(config, suite, device=device, quiet=quiet) for config in configs]
+        report["results"].append(aggregate_seeds(name, runs, with_seeds=seeds is not None))
     if json_path:
         _write_text(Path(json_path), json.dumps(report, indent=2))
     if markdown_path:
@@ -337,8 +404,11 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(x, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+def _fmt(x, digits: int = 3, std: float | None = None) -> str:
+    if x is None:
+        return "–"
+    text = f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+    return f"{text} ± {std:.{digits}f}" if std is not None else text
 
 
 def results_markdown(report: dict) -> str:
@@ -367,9 +437,9 @@ def results_markdown(report: dict) -> str:
             [
                 r["method"],
                 params,
-                _fmt(r["avg_task_accuracy"]),
-                _fmt(r["normalized_accuracy"]),
-                _fmt(r["joint_accuracy"]),
+                _fmt(r["avg_task_accuracy"], std=r.get("avg_task_accuracy_std")),
+                _fmt(r["normalized_accuracy"], std=r.get("normalized_accuracy_std")),
+                _fmt(r["joint_accuracy"], std=r.get("joint_accuracy_std")),
                 *[_fmt(r["per_task_accuracy"].get(t)) for t in tasks],
                 _fmt(r["merge_seconds"]),
                 _fmt(r["stats_seconds"]),
@@ -377,7 +447,8 @@ def results_markdown(report: dict) -> str:
             ]
         )
     lines = [
-        f"Suite `{report['suite']}` (hf_vitmerge {report['hf_vitmerge_version']})",
+        f"Suite `{report['suite']}` (hf_vitmerge {report['hf_vitmerge_version']})"
+        + (f"; mean ± std over seeds {report['seeds']}" if len(report.get("seeds", [])) > 1 else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

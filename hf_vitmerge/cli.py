@@ -97,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--heads", default="auto", choices=["auto", "shared", "union", "multi"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of a single-seed bench")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2: every method runs once per seed and the report "
+        "gives mean ± std and each seed's results (overrides --seed)",
+    )
     p.add_argument("--samples-per-task", type=int, default=256)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _add_quiet(p)
@@ -205,6 +211,7 @@ def _run(args: argparse.Namespace) -> int:
             markdown_path=args.markdown,
             heads=args.heads,
             seed=args.seed,
+            seeds=args.seeds,
             samples_per_task=args.samples_per_task,
             device=args.device,
             quiet=args.quiet,

@@ -207,6 +207,62 @@ def diagnostic_units(adapter, include_head: bool) -> list[tuple[str, str, int | 
 
 
 # ----------------------------------------------------------------------------- the public API
+def _head_included(sources, base_src) -> tuple[bool, list[str]]:
+    """Whether the classifier can be compared (same shape everywhere), and notes saying why not."""
+    adapter = sources[0].adapter
+    notes = []
+    head_shapes = {tuple(s.adapter.info(k).shape) for s in sources for k in s.adapter.classifier_keys}
+    include_head = bool(adapter.classifier_keys) and all(
+        s.adapter.num_labels == adapter.num_labels for s in sources
+    )
+    if include_head and base_src is not None and base_src.adapter.num_labels != adapter.num_labels:
+        include_head = False
+        notes.append("head skipped: the base model's classifier has another shape, so no head task vectors")
+    elif not include_head and adapter.classifier_keys:
+        notes.append(f"head skipped: the models' classifiers differ in shape ({sorted(head_shapes)})")
+    return include_head, notes
+
+
+def _stream_tensor_stats(sources, base_src, keys, topk, pairs, quiet) -> dict[str, _Stats]:
+    """Per-tensor metric sums, reading one key at a time from every model (and the base)."""
+    from tqdm.auto import tqdm
+
+    readers = [s.tensors() for s in sources]
+    base_reader = base_src.tensors() if base_src is not None else None
+    per_key: dict[str, _Stats] = {}
+    try:
+        for key in tqdm(keys, desc="inspect", unit="tensor", disable=quiet):
+            stacked = torch.stack([r.get(key).to(torch.float64) for r in readers])
+            if base_reader is not None:
+                stacked = stacked - base_reader.get(key).to(torch.float64).unsqueeze(0)
+            per_key[key] = tensor_stats(stacked, topk, pairs)
+            del stacked
+    finally:
+        for r in readers + ([base_reader] if base_reader else []):
+            r.close()
+    return per_key
+
+
+def _unit_result(unit, per_key: dict[str, _Stats], pairs) -> dict:
+    """One unit's (block / group / model) metrics from the sums of its tensors."""
+    name, kind, layer, unit_keys = unit
+    total = per_key[unit_keys[0]]
+    for k in unit_keys[1:]:
+        total = total + per_key[k]
+    values, per_pair = stats_metrics(total)
+    return {
+        "name": name,
+        "kind": kind,
+        "layer": layer,
+        "numel": total.numel,
+        "values": {m: _clean(values[m]) for m in ALL_METRICS},
+        "pairwise": [
+            {"pair": list(p), **{m: _clean(v[m]) for m in PAIR_METRICS}}
+            for p, v in zip(pairs, per_pair, strict=True)
+        ],
+    }
+
+
 def inspect_models(
     models: Sequence[str | os.PathLike],
     base: str | os.PathLike | None = None,
@@ -224,8 +280,6 @@ def inspect_models(
     ``out_dir`` writes ``metrics.json``, ``metrics.md`` and ``heatmap.png`` there (each atomically).
     Returns the JSON-ready dict (NaN written as null).
     """
-    from tqdm.auto import tqdm
-
     from .arch import check_compatible
     from .loading import resolve_model
 
@@ -236,54 +290,12 @@ def inspect_models(
     sources = [resolve_model(m, r) for m, r in zip(models, revs, strict=True)]
     base_src = resolve_model(base, base_revision) if base is not None else None
     check_compatible({s.ref: s.adapter for s in sources + ([base_src] if base_src else [])})
-    adapter = sources[0].adapter
-    notes = []
-    head_shapes = {tuple(s.adapter.info(k).shape) for s in sources for k in s.adapter.classifier_keys}
-    include_head = bool(adapter.classifier_keys) and all(
-        s.adapter.num_labels == adapter.num_labels for s in sources
-    )
-    if include_head and base_src is not None and base_src.adapter.num_labels != adapter.num_labels:
-        include_head = False
-        notes.append("head skipped: the base model's classifier has another shape, so no head task vectors")
-    elif not include_head and adapter.classifier_keys:
-        notes.append(f"head skipped: the models' classifiers differ in shape ({sorted(head_shapes)})")
-    units = diagnostic_units(adapter, include_head)
-    keys = list(dict.fromkeys(k for u in units for k in u[3]))
+    include_head, notes = _head_included(sources, base_src)
+    units = diagnostic_units(sources[0].adapter, include_head)
     pairs = list(itertools.combinations(range(len(sources)), 2))
-
-    readers = [s.tensors() for s in sources]
-    base_reader = base_src.tensors() if base_src is not None else None
-    per_key: dict[str, _Stats] = {}
-    try:
-        for key in tqdm(keys, desc="inspect", unit="tensor", disable=quiet):
-            stacked = torch.stack([r.get(key).to(torch.float64) for r in readers])
-            if base_reader is not None:
-                stacked = stacked - base_reader.get(key).to(torch.float64).unsqueeze(0)
-            per_key[key] = tensor_stats(stacked, topk, pairs)
-            del stacked
-    finally:
-        for r in readers + ([base_reader] if base_reader else []):
-            r.close()
-
-    out_units = []
-    for name, kind, layer, unit_keys in units:
-        total = per_key[unit_keys[0]]
-        for k in unit_keys[1:]:
-            total = total + per_key[k]
-        values, per_pair = stats_metrics(total)
-        out_units.append(
-            {
-                "name": name,
-                "kind": kind,
-                "layer": layer,
-                "numel": total.numel,
-                "values": {m: _clean(values[m]) for m in ALL_METRICS},
-                "pairwise": [
-                    {"pair": list(p), **{m: _clean(v[m]) for m in PAIR_METRICS}}
-                    for p, v in zip(pairs, per_pair, strict=True)
-                ],
-            }
-        )
+    keys = list(dict.fromkeys(k for u in units for k in u[3]))
+    per_key = _stream_tensor_stats(sources, base_src, keys, topk, pairs, quiet)
+    out_units = [_unit_result(unit, per_key, pairs) for unit in units]
     results = {
         "models": [s.ref for s in sources],
         "names": [Path(s.ref.rstrip("/")).name for s in sources],
@@ -354,6 +366,44 @@ def metrics_markdown(results: dict) -> str:
 _PANELS = (("block", "whole block"), ("attention", "attention"), ("mlp", "MLP"), ("norm", "LayerNorms"))
 
 
+def _normalised_grid(us: list[dict], metrics: list[str]) -> np.ndarray:
+    """Rows = metrics, each scaled to [0, 1] within the panel; cosine inverted."""
+    grid = np.array([[np.nan if u["values"][m] is None else u["values"][m] for u in us] for m in metrics])
+    for r, m in enumerate(metrics):
+        row = grid[r]
+        if not np.isfinite(row).any():
+            continue
+        lo, hi = np.nanmin(row), np.nanmax(row)
+        z = (row - lo) / (hi - lo) if hi > lo else np.full_like(row, 0.5)
+        grid[r] = 1.0 - z if m in SIMILARITY_METRICS else z
+    return grid
+
+
+def _annotate_cells(ax, us: list[dict], metrics: list[str], grid: np.ndarray) -> None:
+    """Write each cell's raw value on the heatmap (readable on dark and light cells)."""
+    for r, m in enumerate(metrics):
+        for c, u in enumerate(us):
+            v = u["values"][m]
+            if v is not None:
+                color = "white" if grid[r, c] > 0.6 else "black"
+                ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=6, color=color)
+
+
+def save_figure_atomically(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file in the target folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def plot_heatmap(results: dict, path: str | os.PathLike) -> Path:
     """Heatmap of the metrics (rows) over blocks / groups (columns), one panel per group kind.
 
@@ -375,18 +425,6 @@ def plot_heatmap(results: dict, path: str | os.PathLike) -> Path:
         [("embeddings / final norm / head / model", other)] if other else []
     )
 
-    def normalised(us: list[dict]) -> np.ndarray:
-        """Rows = metrics, each scaled to [0, 1] within the panel; cosine inverted."""
-        grid = np.array([[np.nan if u["values"][m] is None else u["values"][m] for u in us] for m in metrics])
-        for r, m in enumerate(metrics):
-            row = grid[r]
-            if not np.isfinite(row).any():
-                continue
-            lo, hi = np.nanmin(row), np.nanmax(row)
-            z = (row - lo) / (hi - lo) if hi > lo else np.full_like(row, 0.5)
-            grid[r] = 1.0 - z if m in SIMILARITY_METRICS else z
-        return grid
-
     max_cols = max(len(p[1]) for p in panels)
     fig, axes = plt.subplots(
         len(panels),
@@ -398,7 +436,7 @@ def plot_heatmap(results: dict, path: str | os.PathLike) -> Path:
     cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="#dddddd")
     image = None
     for ax, (title, us) in zip(axes[:, 0], panels, strict=True):
-        grid = normalised(us)
+        grid = _normalised_grid(us, metrics)
         image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1)
         ax.set_yticks(range(len(metrics)), metrics)
         labels = [
@@ -407,19 +445,7 @@ def plot_heatmap(results: dict, path: str | os.PathLike) -> Path:
         ax.set_xticks(range(len(us)), labels, rotation=0 if len(us) <= 16 else 90, fontsize=8)
         ax.set_title(title + (" (columns: block index)" if us[0]["layer"] is not None else ""), fontsize=10)
         if len(us) <= 16:
-            for r, m in enumerate(metrics):
-                for c, u in enumerate(us):
-                    v = u["values"][m]
-                    if v is not None:
-                        ax.text(
-                            c,
-                            r,
-                            f"{v:.3g}",
-                            ha="center",
-                            va="center",
-                            fontsize=6,
-                            color="white" if grid[r, c] > 0.6 else "black",
-                        )
+            _annotate_cells(ax, us, metrics, grid)
     fig.suptitle(
         f"Mergeability diagnostics on {results['on'].replace('_', ' ')} ({len(results['models'])} models)",
         fontsize=11,
@@ -427,22 +453,60 @@ def plot_heatmap(results: dict, path: str | os.PathLike) -> Path:
     fig.colorbar(
         image, ax=axes[:, 0].tolist(), shrink=0.6, label="dissimilarity, scaled per metric and panel"
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------- predictive power
+def _pair_row(suite, pair, base, methods, method_params, topk, batch_size) -> dict:
+    """The whole-model metrics of two tasks' models and each method's accuracy on their merge."""
+    from .evaluation import evaluate_model
+    from .merging import merge
+    from .methods import get_method
+
+    ti, tj = pair
+    diag = inspect_models([ti.model, tj.model], base=base, topk=topk)
+    row = {"pair": [ti.name, tj.name], "metrics": diag["model"], "results": {}}
+    for method in methods:
+        model = merge(
+            [str(ti.model), str(tj.model)],
+            method,
+            base_model=base if get_method(method).needs_base else None,
+            tasks=[ti.name, tj.name],
+            quiet=True,
+            **method_params.get(method, {}),
+        )
+        scores = evaluate_model(model, suite, tasks=[ti.name, tj.name], batch_size=batch_size)
+        row["results"][method] = {
+            "normalized_accuracy": scores["normalized_accuracy"],
+            "per_task_accuracy": scores["per_task_accuracy"],
+        }
+    return row
+
+
+def _spearman(rows: list[dict], method: str) -> dict:
+    """Spearman's rho of every pair metric with ``method``'s accuracy over the pairs, and the best."""
+    from scipy.stats import spearmanr
+
+    acc = [r["results"][method]["normalized_accuracy"] for r in rows]
+    out: dict = {}
+    for m in PAIR_METRICS:
+        xs = [r["metrics"][m] for r in rows]
+        ok = [(x, y) for x, y in zip(xs, acc, strict=True) if x is not None and y is not None]
+        if len(ok) < 3 or len({x for x, _ in ok}) < 2 or len({y for _, y in ok}) < 2:
+            rho, p = math.nan, math.nan
+        else:
+            res = spearmanr([x for x, _ in ok], [y for _, y in ok])
+            rho, p = float(res.statistic), float(res.pvalue)
+        sign = 1.0 if m in SIMILARITY_METRICS else -1.0
+        out[m] = {"rho": _clean(rho), "p": _clean(p), "predictive_rho": _clean(sign * rho)}
+    ranked = [m for m in PAIR_METRICS if out[m]["predictive_rho"] is not None]
+    out["best"] = max(ranked, key=lambda m: out[m]["predictive_rho"]) if ranked else None
+    return out
+
+
 def pairwise_mergeability(
     suite_json: str | os.PathLike,
     methods: Sequence[str] = ("average", "task_arithmetic"),
@@ -462,67 +526,28 @@ def pairwise_mergeability(
     means "predicts in the expected direction"; ``best`` names the metric with the largest one.
     With ``out_dir`` writes ``mergeability.json`` and ``mergeability.md``.
     """
-    from scipy.stats import spearmanr
-
-    from .evaluation import evaluate_model
-    from .merging import merge
     from .methods import get_method
     from .suite import load_suite
 
     suite = load_suite(suite_json)
     method_params = method_params or {}
     base = str(suite.base_model) if suite.base_model else None
+    for method in methods:
+        if get_method(method).needs_base and base is None:
+            raise ValueError(f"method {method!r} needs a base model, but suite {suite.name!r} has none")
     rows = []
     for i, j in itertools.combinations(range(len(suite.tasks)), 2):
-        ti, tj = suite.tasks[i], suite.tasks[j]
-        diag = inspect_models([ti.model, tj.model], base=base, topk=topk)
-        row = {"pair": [ti.name, tj.name], "metrics": diag["model"], "results": {}}
-        for method in methods:
-            spec = get_method(method)
-            if spec.needs_base and base is None:
-                raise ValueError(f"method {method!r} needs a base model, but suite {suite.name!r} has none")
-            model = merge(
-                [str(ti.model), str(tj.model)],
-                method,
-                base_model=base if spec.needs_base else None,
-                tasks=[ti.name, tj.name],
-                quiet=True,
-                **method_params.get(method, {}),
-            )
-            scores = evaluate_model(model, suite, tasks=[ti.name, tj.name], batch_size=batch_size)
-            row["results"][method] = {
-                "normalized_accuracy": scores["normalized_accuracy"],
-                "per_task_accuracy": scores["per_task_accuracy"],
-            }
+        row = _pair_row(
+            suite, (suite.tasks[i], suite.tasks[j]), base, methods, method_params, topk, batch_size
+        )
         rows.append(row)
         if not quiet:
             print(
-                f"{ti.name} + {tj.name}: "
+                " + ".join(row["pair"])
+                + ": "
                 + ", ".join(f"{m} {row['results'][m]['normalized_accuracy']:.3f}" for m in methods)
             )
-    metrics = list(PAIR_METRICS)
-    correlations: dict = {}
-    for method in methods:
-        acc = [r["results"][method]["normalized_accuracy"] for r in rows]
-        correlations[method] = {}
-        for m in metrics:
-            xs = [r["metrics"][m] for r in rows]
-            ok = [(x, y) for x, y in zip(xs, acc, strict=True) if x is not None and y is not None]
-            if len(ok) < 3 or len({x for x, _ in ok}) < 2 or len({y for _, y in ok}) < 2:
-                rho, p = math.nan, math.nan
-            else:
-                res = spearmanr([x for x, _ in ok], [y for _, y in ok])
-                rho, p = float(res.statistic), float(res.pvalue)
-            sign = 1.0 if m in SIMILARITY_METRICS else -1.0
-            correlations[method][m] = {
-                "rho": _clean(rho),
-                "p": _clean(p),
-                "predictive_rho": _clean(sign * rho),
-            }
-        ranked = [m for m in metrics if correlations[method][m]["predictive_rho"] is not None]
-        correlations[method]["best"] = (
-            max(ranked, key=lambda m: correlations[method][m]["predictive_rho"]) if ranked else None
-        )
+    correlations = {method: _spearman(rows, method) for method in methods}
     result = {
         "suite": suite.name,
         "num_pairs": len(rows),

@@ -4,11 +4,14 @@ Scores are computed by the project's own ``evaluate`` module, shipped in
 ``hf_vitmerge/metrics/vitmerge_accuracy`` and loaded by path (no Hub access).
 
 * per-task accuracy: argmax within the task's own labels (the task is known);
-* joint accuracy: argmax over the union of all tasks' labels, no task given (null when
-  the tasks share one label space);
-* normalized accuracy: mean over tasks of merged / individual accuracy;
-* ensemble: every task model side by side; jointly, per-task softmax then argmax over the
-  concatenation (the ZipIt! protocol).
+* joint accuracy: over the union of all tasks' labels, no task given (null when the tasks
+  share one label space), scored with **one rule for every model**, merged or reference:
+  each task's block of logits goes through its own log-softmax, the blocks are concatenated
+  in label order and the argmax is the prediction (:func:`joint_predictions`). A single
+  union head is split into its tasks' label blocks first; a multi-head model's blocks are
+  already log-probabilities; the ensemble's blocks are its task models' logits (the ZipIt!
+  protocol, per-task softmax then argmax, is the same rule);
+* normalized accuracy: mean over tasks of merged / individual accuracy.
 """
 
 from __future__ import annotations
@@ -87,6 +90,16 @@ def label_positions(model_labels: list[str], task: SuiteTask) -> list[int] | Non
     return out
 
 
+def joint_predictions(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The joint rule: per-block log-softmax, concatenate, argmax (index into the concatenation).
+
+    ``blocks`` holds one ``[n, labels_of_task]`` logit tensor per task, in label order.
+    Normalising each block first makes heads with different logit scales comparable, so a
+    union head, a multi-head model and an ensemble of task models are scored alike.
+    """
+    return torch.cat([torch.log_softmax(b.double(), -1) for b in blocks], -1).argmax(-1)
+
+
 def _model_labels(model) -> list[str]:
     id2label = model.config.id2label
     return [str(id2label[i]) for i in range(len(id2label))]
@@ -134,11 +147,11 @@ def reference_results(
             offsets.append(offsets[-1] + len(t.labels))
         hits = []
         for ti, task in enumerate(tqdm(suite.tasks, desc="ensemble", disable=quiet)):
-            probs, y = [], None
+            blocks, y = [], None
             for m, p in models:
                 logits, y = predict_logits(m, p, task, batch_size=batch_size, device=device)
-                probs.append(torch.softmax(logits, -1))
-            hits.append((torch.cat(probs, -1).argmax(-1) == (y + offsets[ti])).float())
+                blocks.append(logits)
+            hits.append((joint_predictions(blocks) == (y + offsets[ti])).float())
         joint = float(torch.cat(hits).mean())
     return {
         "individual": {"per_task_accuracy": individual, "avg_task_accuracy": avg},
@@ -175,7 +188,9 @@ def evaluate_model(
     preds, refs, task_ids, joint_hits = [], [], [], []
     covered = []
     union_positions = [label_positions(labels, t) for t in chosen]
-    joint_cols = sorted({p for pos in union_positions if pos for p in pos})
+    # The joint rule's blocks: every task the model can answer, each in its own label order.
+    blocks = [pos for pos in union_positions if pos is not None]
+    joint_cols = torch.tensor([p for pos in blocks for p in pos], dtype=torch.long)
     for ti, task in enumerate(tqdm(chosen, desc="evaluate", disable=quiet)):
         logits, y = predict_logits(model, processor, task, batch_size=batch_size, device=device)
         pos = union_positions[ti]
@@ -189,8 +204,7 @@ def evaluate_model(
             if pos is None:
                 joint_hits.append(torch.zeros(len(y)))
             else:
-                cols = torch.tensor(joint_cols)
-                pred_col = cols[logits[:, cols].argmax(-1)]
+                pred_col = joint_cols[joint_predictions([logits[:, b] for b in blocks])]
                 joint_hits.append((pred_col == torch.tensor(pos)[y]).float())
     if not covered:
         raise ValueError(

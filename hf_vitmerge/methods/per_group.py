@@ -80,8 +80,26 @@ def _same_heads(
 
 def merge_per_group(ctx: MergeContext) -> MergeResult:
     """Merge each layer group with its own recipe and combine the pieces (see module docstring)."""
-    adapter = ctx.adapter
     recipes = _recipes(ctx)
+    info = _recipe_info(ctx, recipes)
+    model_results = _run_model_recipes(ctx, recipes, info)
+    own_heads = read_heads(ctx.sources)
+    _check_one_basis(recipes, model_results, own_heads)
+    result = MergeResult(backbone=_merge_backbone(ctx, recipes, model_results), info=info)
+    if "head" not in recipes:
+        # each model's own head; a single basis-changing model-level method supplies heads in its basis
+        backbone_rids = {_recipe_id(*recipes[k]) for k in recipes if k != "head"}
+        heads = own_heads
+        if len(backbone_rids) == 1 and next(iter(backbone_rids)) in model_results:
+            heads = model_results[next(iter(backbone_rids))].heads or own_heads
+        result.heads = heads
+        return result
+    _merge_head(ctx, recipes["head"], model_results, own_heads, result)
+    return result
+
+
+def _recipe_info(ctx: MergeContext, recipes: dict) -> dict:
+    """What the card records: each group's method and parameters, and how heads were treated."""
     info: dict = {
         "per_group": {
             kind: {"method": spec.name, "parameters": params} for kind, (spec, params) in recipes.items()
@@ -93,8 +111,11 @@ def merge_per_group(ctx: MergeContext) -> MergeResult:
             info["head_note"] = (
                 f"groups.head ignored: with heads: {ctx.heads_mode} each model keeps its own head"
             )
+    return info
 
-    # model-level recipes: run each distinct one once
+
+def _run_model_recipes(ctx: MergeContext, recipes: dict, info: dict) -> dict[str, MergeResult]:
+    """Run each distinct model-level recipe once; they must return backbone tensors."""
     model_results: dict[str, MergeResult] = {}
     for kind, (spec, params) in recipes.items():
         rid = _recipe_id(spec, params)
@@ -108,9 +129,11 @@ def merge_per_group(ctx: MergeContext) -> MergeResult:
             model_results[rid] = result
             if result.info:
                 info.setdefault("group_info", {})[spec.name] = result.info
+    return model_results
 
-    own_heads = read_heads(ctx.sources)
-    backbone_rids = {_recipe_id(*recipes[k]) for k in recipes if k != "head"}
+
+def _check_one_basis(recipes: dict, model_results: dict[str, MergeResult], own_heads) -> None:
+    """Refuse to combine a basis-changing (aligning) method's groups with other methods' groups."""
     all_rids = {_recipe_id(*r) for r in recipes.values()}
     for rid, result in model_results.items():
         if result.heads is not None and not _same_heads(result.heads, own_heads) and len(all_rids) > 1:
@@ -120,12 +143,15 @@ def merge_per_group(ctx: MergeContext) -> MergeResult:
                 "so its groups cannot be combined with groups merged by other methods"
             )
 
+
+def _merge_backbone(ctx: MergeContext, recipes: dict, model_results: dict[str, MergeResult]) -> dict:
+    """Every backbone group's tensors, from its tensorwise method or its model-level result."""
     backbone: dict[str, torch.Tensor] = {}
     for kind in BACKBONE_KINDS:
         if kind not in recipes:
             continue
         spec, params = recipes[kind]
-        keys = adapter.keys_of_kind(kind)
+        keys = ctx.adapter.keys_of_kind(kind)
         if spec.kind == "tensorwise":
             backbone.update(ctx.run_tensorwise(spec, params, keys))
         else:
@@ -134,33 +160,28 @@ def merge_per_group(ctx: MergeContext) -> MergeResult:
             if absent:
                 raise ValueError(f"groups.{kind}: method {spec.name!r} returned no tensor for {absent[:3]}")
             backbone.update({k: merged[k] for k in keys})
+    return backbone
 
-    result = MergeResult(backbone=backbone, info=info)
-    if "head" not in recipes:
-        # each model's own head; a single basis-changing model-level method supplies heads in its basis
-        heads = own_heads
-        if len(backbone_rids) == 1 and next(iter(backbone_rids)) in model_results:
-            heads = model_results[next(iter(backbone_rids))].heads or own_heads
-        result.heads = heads
-        return result
 
-    spec, params = recipes["head"]
-    head_keys = adapter.classifier_keys
+def _merge_head(ctx: MergeContext, recipe, model_results, own_heads, result: MergeResult) -> None:
+    """The classifier under ``groups.head``: a shared merged head, or the heads for assembly."""
+    spec, params = recipe
+    adapter = ctx.adapter
     if spec.kind == "model":
         merged = model_results[_recipe_id(spec, params)]
         if merged.shared_head is not None:
             result.shared_head = merged.shared_head
         else:
             result.heads = merged.heads or own_heads  # assemble averages them for a shared head
-        return result
+        return
     if spec.needs_base and ctx.base is not None and ctx.base.adapter.num_labels != adapter.num_labels:
-        info["head_note"] = (
+        result.info["head_note"] = (
             f"groups.head: base model has another label space, so {spec.name!r} cannot merge the "
             "classifier: heads were averaged"
         )
-        info["per_group"]["head"] = {"method": "average (fallback)", "parameters": {}}
+        result.info["per_group"]["head"] = {"method": "average (fallback)", "parameters": {}}
         result.heads = own_heads
-        return result
+        return
+    head_keys = adapter.classifier_keys
     merged_head = ctx.run_tensorwise(spec, params, head_keys)
     result.shared_head = (merged_head[head_keys[0]], merged_head[head_keys[1]])
-    return result
