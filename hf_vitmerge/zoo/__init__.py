@@ -41,6 +41,8 @@ def _scratch(steps: int, batch: int, lr: float) -> TrainSpec:
 
 #: hub-tasks: upstream labels merge each task kind's classes in groups of this size.
 HUB_UPSTREAM_GROUP = 2
+#: hub-tasks: number of overlapping coarse groupings of each task kind's classes in the upstream labels.
+HUB_GROUPINGS = 2
 #: hub-tasks recipes: pretraining to convergence, then Hub-style fine-tuning (lr 10x lower, few epochs).
 HUB_PRETRAIN = {
     "tiny": TrainSpec(1500, 128, 2e-3, max_shift=1),
@@ -158,7 +160,7 @@ SUITES: dict[str, SuiteSpec] = {
                 arch.image_size, size.hub_train, size.hub_test, seed
             ),
             pretrain=lambda size, arch, seed: hub.upstream_mixture(
-                arch.image_size, size.hub_upstream, seed, group=HUB_UPSTREAM_GROUP
+                arch.image_size, size.hub_upstream, seed, group=HUB_UPSTREAM_GROUP, groupings=HUB_GROUPINGS
             ),
             recipes=HUB_FINETUNE,
             pretrain_recipes=HUB_PRETRAIN,
@@ -172,8 +174,9 @@ SUITES: dict[str, SuiteSpec] = {
             f"{len(hub.KINDS) - len(hub.TASK_KINDS)} upstream-only kinds: "
             f"{', '.join(k.name for k in hub.KINDS if not k.task)}), fresh draws, with upstream labels that "
             f"are not the tasks' labels: each task kind's classes merged into groups of {HUB_UPSTREAM_GROUP} "
-            "(coarse labels), the upstream-only kinds with their own classes, as ImageNet is to Hub "
-            "fine-tunes. Each task model is then fine-tuned the way Hub models are: the whole network plus a "
+            f"(coarse labels; {HUB_GROUPINGS} overlapping groupings, one drawn at random per image, so the "
+            "best possible upstream accuracy is below 1 but the base learns every distinction), the "
+            "upstream-only kinds with their own classes, as ImageNet is to Hub fine-tunes. Each task model is then fine-tuned the way Hub models are: the whole network plus a "
             "new, seeded head for the task's labels, a learning rate 10x below pretraining, a few epochs, "
             "linear warm-up and cosine decay (`transformers.get_cosine_schedule_with_warmup`).",
         ),

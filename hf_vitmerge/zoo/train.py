@@ -89,6 +89,7 @@ class TrainSpec:
     warmup_fraction: float = 0.1
     max_shift: int = 0  # random translation (pixels, edge-replicated) applied to each training sample
     epochs: float | None = None
+    head_lr_scale: float = 1.0  # the classifier's lr is ``lr * head_lr_scale`` (a new head learns faster)
 
     def num_steps(self, n: int) -> int:
         """Optimiser steps for ``n`` training examples."""
@@ -100,8 +101,9 @@ class TrainSpec:
         """One line for READMEs: optimiser, steps/epochs, batch, lr, schedule."""
         steps = self.steps if n is None else self.num_steps(n)
         length = f"{self.epochs:g} epochs ({steps} steps)" if self.epochs is not None else f"{steps} steps"
+        head = f" ({self.head_lr_scale:g}x for the new classifier)" if self.head_lr_scale != 1 else ""
         return (
-            f"AdamW, {length} of batch {self.batch_size}, lr {self.lr:g}, weight decay {self.weight_decay:g}, "
+            f"AdamW, {length} of batch {self.batch_size}, lr {self.lr:g}{head}, weight decay {self.weight_decay:g}, "
             f"{self.warmup_fraction:.0%} linear warm-up then cosine decay (`get_cosine_schedule_with_warmup`), "
             "gradient clipping 1.0"
             + (f", random shifts of up to {self.max_shift} px" if self.max_shift else "")
@@ -204,10 +206,19 @@ def train_classifier(
     """
     gen = torch.Generator().manual_seed(seed)
     set_seed(seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        decays = p.ndim >= 2 and "embeddings" not in name
+        groups.setdefault((name.startswith("classifier."), decays), []).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {
+                "params": params,
+                "weight_decay": spec.weight_decay if decays else 0.0,
+                "lr": spec.lr * (spec.head_lr_scale if head else 1.0),
+            }
+            for (head, decays), params in groups.items()
+        ],
         lr=spec.lr,
         betas=(0.9, 0.999),
     )
