@@ -42,6 +42,8 @@ def test_upstream_mixture_has_more_kinds_and_other_labels_than_the_tasks():
     # coarse labels: a task kind with 8 classes has 4 upstream labels per grouping
     assert sum(name.startswith("road-signs/") for name in up.labels) == 8
     assert "digits/0|1" in up.labels and "digits/1|2" in up.labels and "digits/9|0" in up.labels
+    task_kind_labels = [n for n in up.labels if n.split("/")[0] in {k.name for k in hub.TASK_KINDS}]
+    assert all("|" in n for n in task_kind_labels)  # every upstream label of a task kind is a group
     one = hub.upstream_mixture(16, 10, seed=0, group=2, groupings=1)
     assert sum(name.startswith("road-signs/") for name in one.labels) == 4
 

@@ -46,12 +46,12 @@ HUB_GROUPINGS = 2
 #: hub-tasks recipes: pretraining to convergence, then Hub-style fine-tuning (lr 10x lower, few epochs).
 HUB_PRETRAIN = {
     "tiny": TrainSpec(1500, 128, 2e-3, max_shift=1),
-    "small": TrainSpec(2500, 128, 1e-3, max_shift=1),
+    "small": TrainSpec(2000, 128, 1e-3, max_shift=1),
     "base": TrainSpec(2, 8, 1e-4),
 }
 HUB_FINETUNE = {
-    "tiny": TrainSpec(0, 32, 2e-4, weight_decay=0.0, epochs=4),
-    "small": TrainSpec(0, 32, 1e-4, weight_decay=0.0, epochs=4),
+    "tiny": TrainSpec(0, 32, 2e-4, weight_decay=0.0, epochs=6, head_lr_scale=5),
+    "small": TrainSpec(0, 32, 1e-4, weight_decay=0.0, epochs=6, head_lr_scale=5),
     "base": TrainSpec(2, 8, 1e-5, weight_decay=0.0),
 }
 
@@ -177,7 +177,8 @@ SUITES: dict[str, SuiteSpec] = {
             f"(coarse labels; {HUB_GROUPINGS} overlapping groupings, one drawn at random per image, so the "
             "best possible upstream accuracy is below 1 but the base learns every distinction), the "
             "upstream-only kinds with their own classes, as ImageNet is to Hub fine-tunes. Each task model is then fine-tuned the way Hub models are: the whole network plus a "
-            "new, seeded head for the task's labels, a learning rate 10x below pretraining, a few epochs, "
+            "new, seeded head for the task's labels, a learning rate 10x below pretraining (the new head at "
+            "5x that), a few epochs, "
             "linear warm-up and cosine decay (`transformers.get_cosine_schedule_with_warmup`).",
         ),
     )

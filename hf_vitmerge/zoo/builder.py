@@ -53,7 +53,7 @@ class SizeSpec:
     shapes_test: int
     pixel_limit: int | None = None  # train/evaluate on the first N images only (base size: speed figures)
     note: str = ""
-    hub_train: int = 600  # hub-tasks: drawn images per task (train / test) and per upstream kind
+    hub_train: int = 1000  # hub-tasks: drawn images per task (train / test) and per upstream kind
     hub_test: int = 300
     hub_upstream: int = 1500
 
@@ -81,7 +81,7 @@ SIZES: dict[str, SizeSpec] = {
         },
         shapes_train=1500,
         shapes_test=400,
-        hub_train=1000,
+        hub_train=1500,
         hub_test=400,
         hub_upstream=3000,
         note="Benchmark-sized.",
