@@ -12,7 +12,7 @@ Public API::
 
 from . import modeling  # noqa: E402,F401  (registers merged-model classes with the Auto classes)
 from ._version import __version__
-from .api import bench, demo, merge, run_merge, suite_config  # noqa: E402
+from .api import bench, merge, run_merge, suite_config  # noqa: E402
 from .arch import IncompatibleModelError, MergeGroup, ViTAdapter  # noqa: E402
 from .config import MergeConfig, load_config  # noqa: E402
 from .errors import ConfigError, HFVitMergeError, InputError, OutputError  # noqa: E402
@@ -20,6 +20,7 @@ from .evaluation import evaluate_model, reference_results  # noqa: E402
 from .loading import ModelLoadError, ModelSource, load_models, resolve_model  # noqa: E402
 from .merging import MergeContext, MergeResult  # noqa: E402
 from .methods import available_methods, get_method, merge_method  # noqa: E402
+from .showcase import demo  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -1,5 +1,5 @@
 """The public workflows: ``run_merge`` (merge -> evaluate -> card -> atomic save -> push),
-``bench`` (several methods on one suite) and ``demo`` (the embedded default end to end)."""
+``bench`` (several methods on one suite); the demo is in :mod:`hf_vitmerge.showcase`."""
 
 from __future__ import annotations
 
@@ -427,7 +427,10 @@ def _run_one(config: MergeConfig, suite: Suite, *, device: str, quiet: bool) -> 
         "stats_seconds": round(stats_s, 3),
         "peak_rss_mb": mem.peak_mb,
         "num_parameters": scores["num_parameters"],
-        "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
+        "info": {
+            **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
+            "model_class": type(model).__name__,
+        },
     }
 
 
@@ -593,51 +596,3 @@ def results_markdown(report: dict) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- demo
-DEMO_SUITE = "digits-domains"
-DEMO_METHOD = "task_arithmetic"
-DEMO_PARAMETERS: dict = {"scaling": 0.3}
-
-
-def demo(
-    out_dir: str | os.PathLike = "hf-vitmerge-demo",
-    *,
-    size: str = "tiny",
-    seed: int = 0,
-    overwrite: bool = False,
-    quiet: bool = False,
-) -> dict:
-    """Build (or reuse) the default suite, merge it, evaluate, and write everything to ``out_dir``.
-
-    Returns a dict with the paths and the results.
-    """
-    from .zoo import build_suite
-
-    out = Path(out_dir)
-    model_dir = out / "merged-model"
-    check_output_dir(model_dir, overwrite)
-    suite_json = build_suite(DEMO_SUITE, size=size, seed=seed, quiet=quiet)
-    config = suite_config(suite_json, DEMO_METHOD, DEMO_PARAMETERS, seed=seed)
-    config = config.model_copy(update={"evaluation_suite": str(suite_json)})
-    run = run_merge(config, model_dir, overwrite=overwrite, quiet=quiet)
-    from .evaluation import reference_results
-
-    report = {
-        "suite": DEMO_SUITE,
-        "hf_vitmerge_version": __version__,
-        "reference": reference_results(suite_json),
-        "results": [{**run.results, "merge_seconds": run.info.get("merge_seconds")}],
-    }
-    for key in ("stats_seconds", "peak_rss_mb"):
-        report["results"][0].setdefault(key, None)
-    _write_text(out / "results.json", json.dumps(report, indent=2))
-    _write_text(out / "results.md", results_markdown(report))
-    return {
-        "suite": Path(suite_json),
-        "model": model_dir,
-        "results_json": out / "results.json",
-        "results_md": out / "results.md",
-        "report": report,
-    }

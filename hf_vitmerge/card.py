@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._version import __version__
 from .data import is_hub_dataset_id
+from .evaluation import individual_accuracies
 from .loading import ModelSource, weights_sha256
 from .merging import MergeContext, union_labels
 from .methods import get_method
@@ -162,8 +163,17 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(results: dict, path: str | os.PathLike, title: str = "Per-task accuracy") -> Path:
-    """Bar chart of per-task accuracy (matplotlib, Agg backend) saved to ``path``."""
+def plot_accuracy(
+    results: dict,
+    path: str | os.PathLike,
+    title: str = "Per-task accuracy",
+    individual: dict[str, float] | None = None,
+) -> Path:
+    """Bar chart of per-task accuracy (matplotlib, Agg backend) saved to ``path``.
+
+    With ``individual`` (task -> accuracy of the task's own model) each task shows the individual and
+    the merged accuracy side by side.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,14 +182,27 @@ def plot_accuracy(results: dict, path: str | os.PathLike, title: str = "Per-task
     per_task = results.get("per_task_accuracy") or {}
     names = list(per_task)
     values = [per_task[n] if per_task[n] is not None else 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(names) + 2), 3.2))
+    fig, ax = plt.subplots(figsize=(max(4.0, (0.8 if individual else 0.55) * len(names) + 2), 3.4))
     try:
-        ax.bar(range(len(names)), values, color="#4C72B0")
+        xs = list(range(len(names)))
+        if individual:
+            width = 0.4
+            ax.bar(
+                [x - width / 2 for x in xs],
+                [individual.get(n) or 0.0 for n in names],
+                width,
+                color="#A0A0A0",
+                label="individual model",
+            )
+            ax.bar([x + width / 2 for x in xs], values, width, color="#4C72B0", label="merged")
+        else:
+            ax.bar(xs, values, color="#4C72B0")
         avg = results.get("avg_task_accuracy")
         if avg is not None:
-            ax.axhline(avg, color="#DD8452", linestyle="--", label=f"average {avg:.3f}")
-            ax.legend(loc="lower right")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+            ax.axhline(avg, color="#DD8452", linestyle="--", label=f"merged average {avg:.3f}")
+        if individual or avg is not None:
+            ax.legend(loc="lower right", fontsize="small")
+        ax.set_xticks(xs, names, rotation=45, ha="right")
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
         ax.set_title(title)
@@ -328,7 +351,11 @@ def write_model_card(
         info.setdefault("auto_map", saved.get("auto_map"))
     plot = None
     if results and results.get("per_task_accuracy"):
-        plot_accuracy(results, out / PLOT_NAME, title=f"{ctx.config.method}: per-task accuracy")
+        individual = None
+        if getattr(ctx.config, "evaluation_suite", None):
+            individual = individual_accuracies(ctx.config.evaluation_suite)
+        title = f"{ctx.config.method}: per-task accuracy"
+        plot_accuracy(results, out / PLOT_NAME, title=title, individual=individual)
         plot = PLOT_NAME
     card = build_model_card(ctx, info, results, plot_path=plot)
     path = out / "README.md"

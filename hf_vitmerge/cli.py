@@ -29,10 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="build the default suite, merge it, evaluate, write the merged model",
+        help="compare merge methods on the default suite, write the recommended merged model",
         description="The main job on the embedded default: builds (or reuses from the cache) the "
-        "digits-domains suite, merges it with the recommended method, evaluates it, and writes the "
-        "merged model, its model card and a results table.",
+        "hub-tasks suite, merges it with several methods side by side (averaging, task arithmetic, TIES, "
+        "RegMean, gated), evaluates each against the individual models and their ensemble, and writes the "
+        "recommended merged model (pipeline-ready, with its model card) and a results table.",
     )
     p.add_argument("--out", default="hf-vitmerge-demo", help="output folder (default: ./hf-vitmerge-demo)")
     p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="zoo size (default tiny)")
@@ -154,8 +155,9 @@ def _run(args: argparse.Namespace) -> int:
         out = hv.demo(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
         print(Path(out["results_md"]).read_text())
         print(
-            f"suite:         {out['suite']}\nmerged model:  {out['model']}  (load with "
-            f"AutoModelForImageClassification.from_pretrained)\nmodel card:    {out['model']}/README.md\n"
+            f"suite:         {out['suite']}\nmerged model:  {out['model']}  "
+            f"({out['report']['recommended']['method']}; load with "
+            f"pipeline('image-classification', model=...))\nmodel card:    {out['model']}/README.md\n"
             f"results:       {out['results_json']}\n               {out['results_md']}"
         )
         return 0

@@ -23,7 +23,6 @@ LONG_FUNCTIONS = {
     "hf_vitmerge.cli:_run",
     "hf_vitmerge.cli:build_parser",
     "hf_vitmerge.methods.gated:gated",
-    "hf_vitmerge.zoo.builder:_build_into",
 }
 
 

@@ -26,7 +26,7 @@ def _arrays(images) -> np.ndarray:
 
 def test_list_suites_matches_registry():
     listed = {s["name"]: s for s in list_suites()}
-    assert set(listed) == {"digits-split", "digits-split5", "digits-domains", "shapes-tasks"}
+    assert set(listed) == {"digits-split", "digits-split5", "digits-domains", "shapes-tasks", "hub-tasks"}
     assert listed["digits-split"]["init"] == "independent" and listed["digits-split"]["num_tasks"] == 2
     assert listed["digits-split5"]["num_tasks"] == 5
     assert listed["digits-domains"]["init"] == "shared" and listed["digits-domains"]["num_tasks"] >= 5

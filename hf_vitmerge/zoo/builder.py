@@ -18,11 +18,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import PIL
 import torch
 import transformers
 from tqdm.auto import tqdm
 
 from ..errors import OutputExistsError
+from . import realism
 from .data import TaskData
 from .train import (
     ArchSpec,
@@ -38,7 +41,7 @@ from .train import (
 )
 
 #: Bumped whenever a change to the zoo changes what a build produces (invalidates caches).
-ZOO_VERSION = "2"
+ZOO_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class SizeSpec:
     shapes_test: int
     pixel_limit: int | None = None  # train/evaluate on the first N images only (base size: speed figures)
     note: str = ""
+    hub_train: int = 1000  # hub-tasks: drawn images per task (train / test) and per upstream kind
+    hub_test: int = 300
+    hub_upstream: int = 1500
 
 
 _VIT_B16 = ArchSpec(224, 16, 768, 12, 12, 3072)
@@ -58,23 +64,37 @@ _VIT_B16 = ArchSpec(224, 16, 768, 12, 12, 3072)
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(
         "tiny",
-        {"digits": ArchSpec(16, 4, 64, 3, 4, 128), "shapes": ArchSpec(24, 4, 64, 3, 4, 128)},
+        {
+            "digits": ArchSpec(16, 4, 64, 3, 4, 128),
+            "shapes": ArchSpec(24, 4, 64, 3, 4, 128),
+            "hub": ArchSpec(24, 4, 64, 3, 4, 128),
+        },
         shapes_train=600,
         shapes_test=300,
         note="CI-sized: builds in a few minutes on 2 CPU cores.",
     ),
     "small": SizeSpec(
         "small",
-        {"digits": ArchSpec(32, 4, 128, 6, 4, 256), "shapes": ArchSpec(32, 4, 128, 6, 4, 256)},
+        {
+            "digits": ArchSpec(32, 4, 128, 6, 4, 256),
+            "shapes": ArchSpec(32, 4, 128, 6, 4, 256),
+            "hub": ArchSpec(32, 4, 128, 6, 4, 256),
+        },
         shapes_train=1500,
         shapes_test=400,
+        hub_train=1500,
+        hub_test=400,
+        hub_upstream=3000,
         note="Benchmark-sized.",
     ),
     "base": SizeSpec(
         "base",
-        {"digits": _VIT_B16, "shapes": _VIT_B16},
+        {"digits": _VIT_B16, "shapes": _VIT_B16, "hub": _VIT_B16},
         shapes_train=64,
         shapes_test=32,
+        hub_train=64,
+        hub_test=32,
+        hub_upstream=16,
         pixel_limit=32,
         note=(
             "ViT-B/16 shapes for speed and memory figures ONLY: the models are trained for a handful of "
@@ -98,6 +118,7 @@ class SuiteSpec:
     pretrain: Callable[[SizeSpec, ArchSpec, int], TaskData] | None = None
     pretrain_recipes: dict[str, TrainSpec] = field(default_factory=dict)
     design: str = ""  # a paragraph for the README: why the suite is built the way it is
+    regime: str = ""  # one line for the README: which regime the suite stands for
 
 
 @dataclass
@@ -107,6 +128,8 @@ class _Trained:
     samples: int
     seconds: float
     init: str
+    recipe: str = ""
+    data: str = ""
 
 
 def default_out(suite: str, size: str, seed: int) -> Path:
@@ -183,6 +206,57 @@ The suite's README.md describes the data, architecture and training recipe.
 """
 
 
+_REPRO = (
+    "The build is deterministic on one machine: the same suite, size, seed, library versions "
+    "(torch, transformers, numpy, Pillow, hf_vitmerge) and torch thread count give the same "
+    "`model.safetensors` and accuracies (`build_info.json` records them). A different torch or thread "
+    "count changes the floating-point summation order and so the weights in their last bits and, "
+    "through training, accuracies by a little; a different Pillow can change the drawn images; a "
+    "different CPU instruction set (e.g. AVX-512 vs AVX2) can change low-order bits as well."
+)
+
+
+def _realism_lines(real: dict) -> list[str]:
+    return [
+        "## What makes it realistic (measured on the built models)",
+        "",
+        "| figure | value | Hub fine-tunes / published |",
+        "|---|---|---|",
+        f"| pairwise task-vector cosine, median | {real['task_vector_cosine_median']:.3f} | close to 0 |",
+        f"| pairwise task-vector cosine, max | {real['task_vector_cosine_max']:.3f} | small |",
+        f"| task-vector norm / base-weight norm, median | {real['task_vector_relative_norm_median']:.4f} | small |",
+        f"| plain averaging, normalized accuracy | {real['averaging_normalized_accuracy']:.3f} | 0.6-0.9 "
+        "(ViT-B/32 0.74, ViT-L/14 about 0.85) |",
+        f"| task identifiability (logistic regression on base [CLS] features) | "
+        f"{real['task_identifiability']:.3f} | near 1 (each task its own kind of image) |",
+        "",
+        "Task vectors exclude the classifier. Averaging keeps each task's own classifier on the averaged "
+        "backbone and scores each task within its own labels (the per-task rule of `hf-vitmerge bench`).",
+        "",
+    ]
+
+
+def _repro_and_layout_lines(env: dict, has_base: bool, has_realism: bool) -> list[str]:
+    """The suite README's closing sections: what can change a rebuild, and the folder layout."""
+    return [
+        "## Reproducibility",
+        "",
+        _REPRO,
+        "",
+        "This build: " + ", ".join(f"{k} `{v}`" for k, v in env.items()) + ".",
+        "",
+        "## Layout",
+        "",
+        "`suite.json` (hf_vitmerge INTERFACES.md section 2), "
+        + ("`base/` (the shared base model), " if has_base else "")
+        + "`models/<task>/` (Hugging Face model folders), `data/<task>/{train,test}` (`datasets.save_to_disk`, "
+        "columns `image` and `label`), `build_info.json` (fingerprint, versions, threads, accuracies"
+        + (", realism figures" if has_realism else "")
+        + ").",
+        "",
+    ]
+
+
 def _readme(
     suite: SuiteSpec,
     size: SizeSpec,
@@ -192,6 +266,8 @@ def _readme(
     results: list[_Trained],
     base: _Trained | None,
     seconds: float,
+    real: dict | None = None,
+    env: dict | None = None,
 ) -> str:
     rows = "\n".join(
         f"| `{t.name}` | {len(t.labels)} | {len(t.train_images)} / {len(t.test_images)} | {t.description} | "
@@ -199,11 +275,12 @@ def _readme(
         for t, r in zip(tasks, results, strict=True)
     )
     mean = sum(r.accuracy for r in results) / len(results)
-    recipe = suite.recipes[size.name]
     lines = [
         f"# hf_vitmerge zoo suite `{suite.name}` (size `{size.name}`, seed {seed})",
         "",
         suite.description + ".",
+        "",
+        f"**Regime.** {suite.regime}" if suite.regime else "",
         "",
         f"**Size note.** {size.note}" if size.note else "",
         "",
@@ -222,26 +299,20 @@ def _readme(
         "- Preprocessing: the saved `ViTImageProcessor` (resize to the stored size, i.e. a no-op; rescale 1/255; "
         "normalise with mean 0.5 and std 0.5). Training used the processor's own outputs, loaded back "
         "with `AutoImageProcessor`, so training and evaluation inputs are identical.",
-        f"- Task-model recipe: AdamW, {recipe.steps} steps of batch {recipe.batch_size}, lr {recipe.lr}, "
-        f"weight decay {recipe.weight_decay}, {int(recipe.warmup_fraction * 100)}% linear warm-up then cosine "
-        f"decay, gradient clipping 1.0"
-        + (f", random shifts of up to {recipe.max_shift} px" if recipe.max_shift else "")
-        + ".",
+        f"- Task-model recipe: {results[0].recipe} (steps for the first task's data).",
     ]
     if base is not None:
-        pre = suite.pretrain_recipes[size.name]
         lines.append(
-            f"- Base pretraining: AdamW, {pre.steps} steps of batch {pre.batch_size}, lr {pre.lr}"
-            + (f", random shifts of up to {pre.max_shift} px" if pre.max_shift else "")
-            + f"; accuracy on its held-out pretraining data: {base.accuracy:.4f} ({base.samples} images)."
+            f"- Base pretraining: {base.recipe}; {base.data}; accuracy on its held-out pretraining data: "
+            f"{base.accuracy:.4f} ({base.samples} images)."
         )
     if size.pixel_limit is not None:
         lines.append(
             f"- Data budget: models were trained and evaluated on the first {size.pixel_limit} images of each split only."
         )
     lines += [
-        f"- Seeds: suite seed {seed}; every other seed (splits, drawings, initialisations, batch order) is derived "
-        "from it. The build is deterministic: the same suite, size and seed give byte-identical `model.safetensors`.",
+        f"- Seeds: suite seed {seed}; every other seed (splits, drawings, initialisations, heads, batch order) "
+        "is derived from it (`transformers.set_seed` and `derive_seed`).",
         "",
         "## Tasks and individual accuracies",
         "",
@@ -249,17 +320,12 @@ def _readme(
         "|---|---|---|---|---|",
         rows,
         "",
-        f"Mean individual accuracy: **{mean:.4f}**. Build time: {seconds:.0f} s "
-        f"(torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()}).",
-        "",
-        "## Layout",
-        "",
-        "`suite.json` (hf_vitmerge INTERFACES.md section 2), "
-        + ("`base/` (the shared base model), " if base is not None else "")
-        + "`models/<task>/` (Hugging Face model folders), `data/<task>/{train,test}` (`datasets.save_to_disk`, "
-        "columns `image` and `label`).",
+        f"Mean individual accuracy: **{mean:.4f}**. Build time: {seconds:.0f} s.",
         "",
     ]
+    if real is not None:
+        lines += _realism_lines(real)
+    lines += _repro_and_layout_lines(env or {}, base is not None, real is not None)
     return "\n".join(lines)
 
 
@@ -270,70 +336,55 @@ def _save_model(model, arch: ArchSpec, folder: Path, card: str | None = None) ->
         (folder / "README.md").write_text(card)
 
 
-def _build_into(tmp: Path, suite: SuiteSpec, size: SizeSpec, seed: int, quiet: bool) -> None:
-    """Make the whole suite inside ``tmp`` (which exists and is empty)."""
-    start = time.perf_counter()
-    arch = size.archs[suite.family]
-    seed_everything(seed)
-    tasks = suite.tasks(size, arch, seed)
-    bar = tqdm(total=len(tasks) + (suite.init == "shared"), desc=f"{suite.name} ({size.name})", disable=quiet)
-    base_model, base_result = None, None
-    if suite.init == "shared":
-        assert suite.pretrain is not None
-        data = suite.pretrain(size, arch, seed)
-        x, y = _pixels(arch, data.train_images, data.train_labels, size.pixel_limit)
-        xt, yt = _pixels(arch, data.test_images, data.test_labels, size.pixel_limit)
-        t0 = time.perf_counter()
-        base_model = new_model(arch, data.labels, derive_seed(seed, suite.name, "base"))
-        train_classifier(
-            base_model,
-            x,
-            y,
-            suite.pretrain_recipes[size.name],
-            derive_seed(seed, "pretrain"),
-            desc="base",
-            quiet=quiet,
-        )
-        base_result = _Trained(
-            "base", accuracy(base_model, xt, yt), len(yt), time.perf_counter() - t0, "random"
-        )
-        _save_model(base_model, arch, tmp / "base")
-        bar.update()
-    results = []
-    for k, task in enumerate(tasks):
-        task.save(tmp / "data" / task.name)
-        x, y = _pixels(arch, task.train_images, task.train_labels, size.pixel_limit)
-        xt, yt = _pixels(arch, task.test_images, task.test_labels, size.pixel_limit)
-        t0 = time.perf_counter()
-        if base_model is None:
-            model = new_model(arch, task.labels, derive_seed(seed, suite.name, k, "init"))
-            init = f"random (seed {derive_seed(seed, suite.name, k, 'init')})"
+def _pretrain(suite: SuiteSpec, size: SizeSpec, arch: ArchSpec, seed: int, quiet: bool):
+    """The shared base, pretrained on the suite's upstream data; returns it and its result."""
+    assert suite.pretrain is not None
+    data = suite.pretrain(size, arch, seed)
+    x, y = _pixels(arch, data.train_images, data.train_labels, size.pixel_limit)
+    xt, yt = _pixels(arch, data.test_images, data.test_labels, size.pixel_limit)
+    t0 = time.perf_counter()
+    model = new_model(arch, data.labels, derive_seed(seed, suite.name, "base"))
+    recipe = suite.pretrain_recipes[size.name]
+    train_classifier(model, x, y, recipe, derive_seed(seed, "pretrain"), desc="base", quiet=quiet)
+    result = _Trained("base", accuracy(model, xt, yt), len(yt), time.perf_counter() - t0, "random")
+    result.recipe = recipe.describe(len(y))
+    result.data = f"{len(y)} train / {len(yt)} test images, {len(data.labels)} upstream labels"
+    return model, result
+
+
+def _train_task(
+    suite: SuiteSpec, size: SizeSpec, arch: ArchSpec, seed: int, k: int, task: TaskData, base, quiet
+):
+    """Train task ``k`` (from scratch or from ``base``); returns the model, its result and its pixels."""
+    x, y = _pixels(arch, task.train_images, task.train_labels, size.pixel_limit)
+    xt, yt = _pixels(arch, task.test_images, task.test_labels, size.pixel_limit)
+    t0 = time.perf_counter()
+    if base is None:
+        model = new_model(arch, task.labels, derive_seed(seed, suite.name, k, "init"))
+        init = f"random (seed {derive_seed(seed, suite.name, k, 'init')})"
+    else:
+        model = copy.deepcopy(base)
+        if list(base.config.id2label.values()) == list(task.labels):
+            init = "the suite's `base/` model, classifier included (same label space)"
         else:
-            model = copy.deepcopy(base_model)
-            if list(base_model.config.id2label.values()) == list(task.labels):
-                init = "the suite's `base/` model, classifier included (same label space)"
-            else:
-                reset_head(model, task.labels, derive_seed(seed, suite.name, k, "head"))
-                init = "the suite's `base/` backbone with a new, seeded classifier for this task's labels"
-        train_classifier(
-            model,
-            x,
-            y,
-            suite.recipes[size.name],
-            derive_seed(seed, suite.name, k, "train"),
-            desc=task.name,
-            quiet=quiet,
-        )
-        result = _Trained(task.name, accuracy(model, xt, yt), len(yt), time.perf_counter() - t0, init)
-        results.append(result)
-        _save_model(model, arch, tmp / "models" / task.name, _model_card(suite, size, seed, task, result))
-        bar.set_postfix({task.name: f"{result.accuracy:.3f}"}, refresh=False)
-        bar.update()
-    bar.close()
-    suite_json = {
+            reset_head(model, task.labels, derive_seed(seed, suite.name, k, "head"))
+            init = "the suite's `base/` backbone with a new, seeded classifier for this task's labels"
+    recipe = suite.recipes[size.name]
+    train_classifier(
+        model, x, y, recipe, derive_seed(seed, suite.name, k, "train"), desc=task.name, quiet=quiet
+    )
+    result = _Trained(task.name, accuracy(model, xt, yt), len(yt), time.perf_counter() - t0, init)
+    result.recipe = recipe.describe(len(y))
+    return model, result, (x, y, xt, yt)
+
+
+def _suite_json(
+    suite: SuiteSpec, size: SizeSpec, seed: int, tasks: list[TaskData], results, has_base
+) -> dict:
+    return {
         "name": suite.name,
         "init": suite.init,
-        "base_model": "base" if base_model is not None else None,
+        "base_model": "base" if has_base else None,
         "tasks": [
             {
                 "name": t.name,
@@ -352,15 +403,68 @@ def _build_into(tmp: Path, suite: SuiteSpec, size: SizeSpec, seed: int, quiet: b
         "seed": int(seed),
         "zoo_version": ZOO_VERSION,
     }
-    (tmp / "suite.json").write_text(json.dumps(suite_json, indent=2) + "\n")
+
+
+def environment_info() -> dict:
+    """What a build's numbers depend on besides its seed: library versions, threads, machine."""
+    from .. import __version__
+
+    return {
+        "hf_vitmerge_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "numpy_version": np.__version__,
+        "pillow_version": PIL.__version__,
+        "python_version": platform.python_version(),
+        "torch_num_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+
+
+def _build_into(tmp: Path, suite: SuiteSpec, size: SizeSpec, seed: int, quiet: bool) -> None:
+    """Make the whole suite inside ``tmp`` (which exists and is empty)."""
+    start = time.perf_counter()
+    arch = size.archs[suite.family]
+    seed_everything(seed)
+    tasks = suite.tasks(size, arch, seed)
+    bar = tqdm(total=len(tasks) + (suite.init == "shared"), desc=f"{suite.name} ({size.name})", disable=quiet)
+    base_model, base_result = None, None
+    if suite.init == "shared":
+        base_model, base_result = _pretrain(suite, size, arch, seed, quiet)
+        _save_model(base_model, arch, tmp / "base")
+        bar.update()
+    results, kept = [], []
+    measure = base_model is not None and size.pixel_limit is None
+    for k, task in enumerate(tasks):
+        task.save(tmp / "data" / task.name)
+        model, result, pixels = _train_task(suite, size, arch, seed, k, task, base_model, quiet)
+        results.append(result)
+        _save_model(model, arch, tmp / "models" / task.name, _model_card(suite, size, seed, task, result))
+        if measure:
+            kept.append((model, pixels))
+        bar.set_postfix({task.name: f"{result.accuracy:.3f}"}, refresh=False)
+        bar.update()
+    bar.close()
+    real = None
+    if measure:
+        real = realism.measure(
+            base_model, [m for m, _ in kept], [p for _, p in kept], [r.accuracy for r in results]
+        )
+    (tmp / "suite.json").write_text(
+        json.dumps(_suite_json(suite, size, seed, tasks, results, base_model is not None), indent=2) + "\n"
+    )
     seconds = time.perf_counter() - start
-    (tmp / "README.md").write_text(_readme(suite, size, seed, arch, tasks, results, base_result, seconds))
+    env = environment_info()
+    (tmp / "README.md").write_text(
+        _readme(suite, size, seed, arch, tasks, results, base_result, seconds, real, env)
+    )
     info = {
         "fingerprint": fingerprint(suite.name, size.name, seed),
         "build_seconds": round(seconds, 1),
         "base_accuracy": None if base_result is None else round(base_result.accuracy, 6),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "individual_accuracy": {r.name: round(r.accuracy, 6) for r in results},
+        "realism": real,
+        **env,
     }
     (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    get_cosine_schedule_with_warmup,
+    set_seed,
+)
 
 #: The normalisation every zoo model uses (pixels in [-1, 1]).
 IMAGE_MEAN = [0.5, 0.5, 0.5]
@@ -71,7 +76,11 @@ class ArchSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Optimisation recipe: AdamW, linear warm-up then cosine decay to 0."""
+    """Optimisation recipe: AdamW, linear warm-up then cosine decay to 0.
+
+    ``steps`` is the number of optimiser steps; when ``epochs`` is given instead (Hub-style fine-tuning
+    recipes are stated in epochs), the steps are ``ceil(epochs * n / batch_size)`` for ``n`` examples.
+    """
 
     steps: int
     batch_size: int
@@ -79,17 +88,39 @@ class TrainSpec:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     max_shift: int = 0  # random translation (pixels, edge-replicated) applied to each training sample
+    epochs: float | None = None
+    head_lr_scale: float = 1.0  # the classifier's lr is ``lr * head_lr_scale`` (a new head learns faster)
+
+    def num_steps(self, n: int) -> int:
+        """Optimiser steps for ``n`` training examples."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * n / min(self.batch_size, n)))
+
+    def describe(self, n: int | None = None) -> str:
+        """One line for READMEs: optimiser, steps/epochs, batch, lr, schedule."""
+        steps = self.steps if n is None else self.num_steps(n)
+        length = f"{self.epochs:g} epochs ({steps} steps)" if self.epochs is not None else f"{steps} steps"
+        head = f" ({self.head_lr_scale:g}x for the new classifier)" if self.head_lr_scale != 1 else ""
+        return (
+            f"AdamW, {length} of batch {self.batch_size}, lr {self.lr:g}{head}, weight decay {self.weight_decay:g}, "
+            f"{self.warmup_fraction:.0%} linear warm-up then cosine decay (`get_cosine_schedule_with_warmup`), "
+            "gradient clipping 1.0"
+            + (f", random shifts of up to {self.max_shift} px" if self.max_shift else "")
+        )
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (the zoo also passes explicit generators where it can)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """Seed python, numpy and torch with ``transformers.set_seed`` (the zoo also passes explicit generators)."""
+    set_seed(seed)
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A stable 31-bit seed from a tuple of ints/strings (independent of ``PYTHONHASHSEED``)."""
+    """A stable 31-bit seed from a tuple of ints/strings (independent of ``PYTHONHASHSEED``).
+
+    The zoo's one seed-derivation scheme: every seed of a build (initialisations, heads, batch order,
+    drops) is ``derive_seed(suite seed, what, ...)``.
+    """
     h = 1469598103934665603
     for part in parts:
         for byte in str(part).encode() + b"\x00":
@@ -168,35 +199,37 @@ def train_classifier(
     quiet: bool = False,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> ViTForImageClassification:
-    """Train ``model`` in place on ``(pixels, labels)`` for ``spec.steps`` steps; returns it in eval mode.
+    """Train ``model`` in place on ``(pixels, labels)`` for ``spec.num_steps(n)`` steps; returns it in eval mode.
 
     Batches are drawn epoch by epoch from a seeded permutation, so the run is fully determined by
     ``seed`` (with :func:`deterministic_torch` active).
     """
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
+    set_seed(seed)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        decays = p.ndim >= 2 and "embeddings" not in name
+        groups.setdefault((name.startswith("classifier."), decays), []).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {
+                "params": params,
+                "weight_decay": spec.weight_decay if decays else 0.0,
+                "lr": spec.lr * (spec.head_lr_scale if head else 1.0),
+            }
+            for (head, decays), params in groups.items()
+        ],
         lr=spec.lr,
         betas=(0.9, 0.999),
     )
-    warmup = max(1, int(spec.warmup_fraction * spec.steps))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, spec.steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     n = len(labels)
+    steps = spec.num_steps(n)
+    sched = get_cosine_schedule_with_warmup(opt, max(1, int(spec.warmup_fraction * steps)), steps)
     batch = min(spec.batch_size, n)
     order = torch.randperm(n, generator=gen)
     cursor = 0
     model.train()
-    bar = tqdm(range(spec.steps), desc=desc, disable=quiet, leave=False)
+    bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
     for _ in bar:
         if cursor + batch > n:
             order, cursor = torch.randperm(n, generator=gen), 0
