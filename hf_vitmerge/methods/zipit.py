@@ -31,6 +31,10 @@ dividing by 1e-7.
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
+
 from ..alignment import (
     activation_similarities,
     aligned_result,
@@ -45,7 +49,13 @@ from .registry import merge_method
 
 
 @merge_method("zipit", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053")
-def zipit(ctx, *, alpha: float = 0.5, beta: float = 0.5, stop_block: int | float | None = None):
+def zipit(
+    ctx,
+    *,
+    alpha: Annotated[float, Field(le=1)] = 0.5,
+    beta: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    stop_block: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0, lt=1)] | None = None,
+):
     """ZipIt!: greedy zip of correlated features within and across models (optionally partial)."""
     from ..merging import MergeResult
 
