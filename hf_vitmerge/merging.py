@@ -115,7 +115,10 @@ class MergeContext:
                     base = None
             if spec.needs_base and base is None:
                 raise ValueError(f"{spec.name}: the base model has no tensor {key} of matching shape")
-            out[key] = spec.fn(tensors, base, key=key, generator=self.generator(key), **params).contiguous()
+            merged = spec.fn(
+                tensors, base, key=key, param=self.adapter.info(key), generator=self.generator(key), **params
+            )
+            out[key] = merged.contiguous()
             del tensors, base
         for r in readers + ([base_reader] if base_reader else []):
             r.close()

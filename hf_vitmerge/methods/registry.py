@@ -37,6 +37,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 _REGISTRY: dict[str, MethodSpec] = {}
 
 AUTO = "auto"
+# Keyword arguments the merge engine passes to every tensorwise method (not user parameters):
+# the canonical key, its ParamInfo from the architecture adapter, and a seeded generator.
+ENGINE_ARGUMENTS = frozenset({"key", "param", "generator"})
 
 
 class Grid:
@@ -245,7 +248,7 @@ def parameter_schema(fn: Callable, name: str) -> tuple[type[BaseModel], dict]:
     """The pydantic model of ``fn``'s keyword-only parameters, and their defaults."""
     fields, defaults = {}, {}
     for p in inspect.signature(fn).parameters.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in ENGINE_ARGUMENTS:
             continue
         ann = _annotation(fn, p)
         if ann is None:
