@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import ViTAdapter
+from .autotune import auto_names, resolve_auto
 from .config import MergeConfig, load_config
 from .data import TaskData, load_task_data
 from .loading import ModelSource, resolve_model
@@ -189,6 +190,7 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     config = ctx.config
     torch.manual_seed(config.seed)
     start = time.perf_counter()
+    auto = None
     if config.groups:
         from .methods.per_group import merge_per_group
 
@@ -196,8 +198,15 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     else:
         spec = get_method(config.method)
         params = spec.validate_params(config.parameters)
-        result = tensorwise_result(ctx, spec, params) if spec.kind == "tensorwise" else spec.fn(ctx, **params)
+        if auto_names(params):
+            params, auto = resolve_auto(ctx, spec, params, lambda p: _build(ctx, spec, p))
+            ctx.config = config = config.model_copy(
+                update={"parameters": {**config.parameters, **auto["chosen"]}}
+            )
+        result = _run_method(ctx, spec, params)
     info = dict(result.info)
+    if auto is not None:
+        info["auto"] = auto
     info.setdefault(
         "merge_seconds", round(time.perf_counter() - start - ctx.timings.get("stats_seconds", 0.0), 3)
     )
@@ -205,6 +214,17 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     model = result.model if result.model is not None else assemble(ctx, result)
     model.eval()
     return model, info
+
+
+def _run_method(ctx: MergeContext, spec: MethodSpec, params: dict) -> MergeResult:
+    return tensorwise_result(ctx, spec, params) if spec.kind == "tensorwise" else spec.fn(ctx, **params)
+
+
+def _build(ctx: MergeContext, spec: MethodSpec, params: dict) -> torch.nn.Module:
+    """Merge with concrete ``params`` and assemble the model (used to score ``auto`` candidates)."""
+    result = _run_method(ctx, spec, params)
+    model = result.model if result.model is not None else assemble(ctx, result)
+    return model.eval()
 
 
 def tensorwise_result(ctx: MergeContext, spec: MethodSpec, params: dict) -> MergeResult:

@@ -88,7 +88,7 @@ class MethodSpec:
                 f"parameter {name!r} of method {self.name!r} declares no grid for `auto` and has no "
                 "non-zero numeric default to build one from; give it a number"
             )
-        values = [round(default * m, 6) for m in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)]
+        values = [float(f"{default * m:.6g}") for m in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)]
         return tuple(v for v in values if _in_range(v, metadata))
 
     def validate_params(self, params: dict | None, *, allow_auto: bool = True) -> dict:
