@@ -42,7 +42,9 @@ def test_tsv_with_orthogonal_task_matrices_is_task_arithmetic_with_scaling_one()
 
 
 def test_tsv_drops_each_tasks_weaker_directions_and_means_non_matrices():
-    mats = [torch.randn(12, 10, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(5)]
+    mats = [
+        torch.randn(12, 10, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(5)
+    ]
     base, models = _models(mats)
     out = get_method("tsv").fn(models, base, param=Q) - base
     assert torch.linalg.matrix_rank(out) == 10  # 5 tasks x 2 kept directions fill the rank
@@ -56,7 +58,9 @@ def test_tsv_drops_each_tasks_weaker_directions_and_means_non_matrices():
 
 
 def test_iso_c_flattens_the_spectrum_of_the_summed_task_matrix():
-    mats = [torch.randn(12, 10, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3)]
+    mats = [
+        torch.randn(12, 10, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3)
+    ]
     base, models = _models(mats)
     out = (get_method("iso_c").fn(models, base, param=Q, scaling=1.5) - base) / 1.5
     u, s, vh = torch.linalg.svd(sum(mats), full_matrices=False)
@@ -69,7 +73,9 @@ def test_iso_cts_spectrum_is_flat_and_full_common_space_is_iso_c():
     # rank 12, 4 tasks: int(0.8 * 12) = 9 common, 3 left -> round(3 / 4) = 1 per task, common 8
     assert subspace_sizes(12, 4, 0.8) == (8, 1)
     assert subspace_sizes(10, 4, 0.8) == (10, 0)  # round(2 / 4) = 0: no task-specific part
-    mats = [torch.randn(14, 12, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(4)]
+    mats = [
+        torch.randn(14, 12, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(4)
+    ]
     base, models = _models(mats)
     out = get_method("iso_cts").fn(models, base, param=Q) - base
     s = torch.linalg.svdvals(out)
@@ -156,7 +162,9 @@ def test_merge_through_the_engine_uses_the_adapter_roles(tmp_path, method):
 
     base = make_vit(tmp_path / "base", seed=0)
     fts = [make_vit(tmp_path / f"ft{i}", seed=10 + i, base=base, noise=0.02) for i in range(3)]
-    merged = merge([str(tmp_path / f"ft{i}") for i in range(3)], method, base_model=str(tmp_path / "base"), quiet=True)
+    merged = merge(
+        [str(tmp_path / f"ft{i}") for i in range(3)], method, base_model=str(tmp_path / "base"), quiet=True
+    )
     adapter = ViTAdapter.from_model(base)
     states = [adapter.state_dict(m) for m in (base, *fts)]
     out = adapter.state_dict(merged)
