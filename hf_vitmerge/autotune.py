@@ -34,12 +34,13 @@ def auto_names(params: dict) -> list[str]:
     return [k for k, v in params.items() if isinstance(v, str) and v == AUTO]
 
 
-def validation_slice(ctx, index: int, samples: int = VALIDATION_SAMPLES) -> TaskData:
+def validation_slice(ctx, index: int, samples: int = VALIDATION_SAMPLES) -> tuple[TaskData, bool]:
     """Task ``index``'s validation slice: calibration-split examples after the calibration sample.
 
     The calibration sample is the first ``samples_per_task`` of a shuffle seeded by the merge
     seed (:meth:`TaskData.subset`); the slice is the next ``samples`` of that shuffle (or the
-    last ones, overlapping the calibration sample, when the split is too small).
+    last ones, overlapping the calibration sample, when the split is too small). Returns the
+    slice and whether it is disjoint from the calibration sample.
     """
     entry = ctx.config.models[index].data
     if entry is None:
@@ -60,7 +61,8 @@ def validation_slice(ctx, index: int, samples: int = VALIDATION_SAMPLES) -> Task
     size = min(samples, n)
     start = min(ctx.config.calibration.samples_per_task, n - size)
     ds = data.dataset.shuffle(seed=ctx.seed).select(range(start, start + size))
-    return TaskData(ds, data.image_column, data.label_column, data.source, data.split)
+    disjoint = start >= ctx.config.calibration.samples_per_task
+    return TaskData(ds, data.image_column, data.label_column, data.source, data.split), disjoint
 
 
 @torch.inference_mode()
@@ -83,7 +85,9 @@ class ValidationScorer:
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.slices = [validation_slice(ctx, i) for i in range(len(ctx.sources))]
+        slices = [validation_slice(ctx, i) for i in range(len(ctx.sources))]
+        self.slices = [s for s, _ in slices]
+        self.disjoint = all(d for _, d in slices)
         self.processors = [s.image_processor() for s in ctx.sources]
         self.batch_size = ctx.config.calibration.batch_size
         self.individual = [
@@ -128,7 +132,9 @@ def resolve_auto(
     chosen = {n: trials[best][n] for n in names}
     record = {
         "chosen": chosen,
-        "validation": f"{len(scorer.slices[0])} calibration-split images per task (not the calibration sample)",
+        "validation": f"{min(len(s) for s in scorer.slices)}+ calibration-split images per task, "
+        + ("disjoint from" if scorer.disjoint else "overlapping (split too small)")
+        + " the calibration sample; test splits not read",
         "trials": trials,
         "seconds": round(time.perf_counter() - start, 3),
     }
