@@ -132,7 +132,7 @@ def run_merge(
             device=config.device,
             quiet=quiet,
         )
-        results = {"method": config.method, "params": _effective_params(config), **results}
+        results = {"method": config.method, "params": _effective_params(ctx.config), **results}
     save_atomically(out, lambda tmp: save_merged_model(ctx, model, info, results, tmp), overwrite)
     run = MergeRun(path=out, model=model, info=info, results=results, context=ctx)
     if push_to_hub:

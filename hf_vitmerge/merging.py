@@ -206,7 +206,8 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
         result = _run_method(ctx, spec, params)
     info = dict(result.info)
     if auto is not None:
-        info["auto"] = auto
+        info["auto"] = auto  # the search record (model card); the chosen values are in the config
+        info["auto_seconds"] = auto["seconds"]
     info.setdefault(
         "merge_seconds", round(time.perf_counter() - start - ctx.timings.get("stats_seconds", 0.0), 3)
     )
