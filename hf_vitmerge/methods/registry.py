@@ -66,6 +66,11 @@ class MethodSpec:
     aliases: tuple[str, ...] = ()
     schema: type[BaseModel] | None = None  # pydantic model of the keyword parameters
 
+    def __post_init__(self) -> None:
+        if self.schema is None:  # built by hand: type each parameter by its default
+            fields = {k: (_default_type(v), v) for k, v in self.defaults.items()}
+            object.__setattr__(self, "schema", _model(self.name, fields))
+
     @property
     def summary(self) -> str:
         doc = inspect.getdoc(self.fn) or ""
@@ -256,12 +261,15 @@ def parameter_schema(fn: Callable, name: str) -> tuple[type[BaseModel], dict]:
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (ann, default)
         defaults[p.name] = None if default is ... else default
-    model = create_model(
+    return _model(name, fields), defaults
+
+
+def _model(name: str, fields: dict) -> type[BaseModel]:
+    return create_model(
         f"{name.title().replace('_', '')}Parameters",
         __config__=ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True),
         **fields,
     )
-    return model, defaults
 
 
 def _signature_needs_base(fn: Callable, kind: str) -> bool:
