@@ -146,7 +146,7 @@ def run_merge(
             device=config.device,
             quiet=quiet,
         )
-        results = {"method": config.method, "params": _effective_params(config), **results}
+        results = {"method": config.method, "params": _effective_params(ctx.config), **results}
     save_atomically(out, lambda tmp: save_merged_model(ctx, model, info, results, tmp), overwrite)
     run = MergeRun(path=out, model=model, info=info, results=results, context=ctx)
     if push_to_hub:
@@ -552,6 +552,17 @@ def _fmt(x, digits: int = 3, std: float | None = None) -> str:
     return f"{text} ± {std:.{digits}f}" if std is not None else text
 
 
+def _params_text(result: dict) -> str:
+    """``k=v, ...``; a value that differs between seeds (an ``auto`` choice) shows each seed's."""
+    runs = result.get("per_seed") or [result]
+    parts = []
+    for key, value in result["params"].items():
+        values = [run["params"].get(key, value) for run in runs]
+        shown = "/".join(str(v) for v in values) if len(set(map(str, values))) > 1 else str(value)
+        parts.append(f"{key}={shown}")
+    return ", ".join(parts)
+
+
 def results_markdown(report: dict) -> str:
     """A markdown table of a bench report (one row per reference and method)."""
     tasks = list(report["reference"]["individual"]["per_task_accuracy"])
@@ -573,7 +584,7 @@ def results_markdown(report: dict) -> str:
             ]
         )
     for r in report["results"]:
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        params = _params_text(r)
         rows.append(
             [
                 r["method"],

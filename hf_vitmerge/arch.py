@@ -60,6 +60,12 @@ _ROLE_KIND = {
 }
 
 
+# Roles whose ``weight`` is the 2-D matrix of a linear layer: the "task matrices" that
+# spectral methods (TSV-M, Iso-C, WUDI) decompose. The classifier is left out on purpose: it
+# is a per-task head, merged (when labels are shared) like any other non-matrix parameter.
+LINEAR_ROLES = frozenset({"q", "k", "v", "o", "fc1", "fc2", "pooler"})
+
+
 class IncompatibleModelError(InputError):
     """Raised when a model is not a ViT this library can merge, or models do not match."""
 
@@ -74,6 +80,11 @@ class ParamInfo:
     layer: int | None  # block index, None outside blocks
     kind: str  # one of KINDS
     shape: tuple[int, ...]
+
+    @property
+    def is_linear_weight(self) -> bool:
+        """The ``[out, in]`` weight of one of the transformer's linear layers (see ``LINEAR_ROLES``)."""
+        return self.attr == "weight" and self.role in LINEAR_ROLES
 
 
 @dataclass(frozen=True)

@@ -130,10 +130,13 @@ class MergeConfig(_Strict):
                     "(the pre-trained model the inputs were fine-tuned from)"
                 )
         if self.method != "per_group":
-            get_method(self.method).validate_params(self.parameters)
+            try:
+                get_method(self.method).validate_params(self.parameters)
+            except ValueError as err:
+                raise ValueError(f"parameters: {err}") from None
         for group, recipe in (self.groups or {}).items():
             try:
-                get_method(recipe.method).validate_params(recipe.parameters)
+                get_method(recipe.method).validate_params(recipe.parameters, allow_auto=False)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"groups.{group}: {err}") from None
         return self

@@ -13,6 +13,7 @@ import torch
 
 from .arch import ViTAdapter
 from .assembly import assemble, empty_merged_model, fill_heads
+from .autotune import auto_names, resolve_auto
 from .config import MergeConfig, load_config
 from .data import check_data_path
 from .errors import ConfigError, InputError
@@ -125,6 +126,7 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     config = ctx.config
     torch.manual_seed(config.seed)
     start = time.perf_counter()
+    auto = None
     if config.groups:
         from .methods.per_group import merge_per_group
 
@@ -132,8 +134,16 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     else:
         spec = get_method(config.method)
         params = spec.validate_params(config.parameters)
-        result = tensorwise_result(ctx, spec, params) if spec.kind == "tensorwise" else spec.fn(ctx, **params)
+        if auto_names(params):
+            params, auto = resolve_auto(ctx, spec, params, lambda p: _build(ctx, spec, p))
+            ctx.config = config = config.model_copy(
+                update={"parameters": {**config.parameters, **auto["chosen"]}}
+            )
+        result = _run_method(ctx, spec, params)
     info = dict(result.info)
+    if auto is not None:
+        info["auto"] = auto  # the search record (model card); the chosen values are in the config
+        info["auto_seconds"] = auto["seconds"]
     info.setdefault(
         "merge_seconds", round(time.perf_counter() - start - ctx.timings.get("stats_seconds", 0.0), 3)
     )
@@ -146,6 +156,17 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     model.eval()
     ctx.release_models()
     return model, info
+
+
+def _run_method(ctx: MergeContext, spec: MethodSpec, params: dict) -> MergeResult:
+    return tensorwise_result(ctx, spec, params) if spec.kind == "tensorwise" else spec.fn(ctx, **params)
+
+
+def _build(ctx: MergeContext, spec: MethodSpec, params: dict) -> torch.nn.Module:
+    """Merge with concrete ``params`` and assemble the model (used to score ``auto`` candidates)."""
+    result = _run_method(ctx, spec, params)
+    model = result.model if result.model is not None else assemble(ctx, result)
+    return model.eval()
 
 
 def tensorwise_result(ctx: MergeContext, spec: MethodSpec, params: dict) -> MergeResult:

@@ -35,7 +35,7 @@ def test_errors_name_the_key(patch, match):
 
 
 def test_parameter_types():
-    with pytest.raises(ConfigError, match="scaling.*must be a number"):
+    with pytest.raises(ConfigError, match="scaling.*valid number"):
         load_config(
             {**BASE, "method": "task_arithmetic", "base_model": "b", "parameters": {"scaling": "big"}}
         )

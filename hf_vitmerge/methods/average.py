@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from ._stack import stacked
 from .registry import merge_method
+
+# One non-negative number per model (a model's `weight:` in the config fills it).
+Weights = list[Annotated[float, Field(ge=0)]] | None
 
 
 def weighted_average(
@@ -30,7 +36,7 @@ def weighted_average(
 
 @merge_method("average", reference="https://arxiv.org/abs/2203.05482", aliases=("linear",))
 def average(
-    tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, weights: list | None = None, **_
+    tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, weights: Weights = None, **_
 ) -> torch.Tensor:
     """Uniform (or weighted) average of the models' weights.
 

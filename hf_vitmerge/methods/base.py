@@ -156,7 +156,14 @@ class MergeContext:
                 pending = pool.submit(read, i + 1) if i + 1 < len(ordered) else None
                 if spec.needs_base and base is None:
                     raise ValueError(f"{spec.name}: the base model has no tensor {key} of matching shape")
-                merged = spec.fn(TensorStack(stack), base, key=key, generator=self.generator(key), **params)
+                merged = spec.fn(
+                    TensorStack(stack),
+                    base,
+                    key=key,
+                    param=self.adapter.info(key),
+                    generator=self.generator(key),
+                    **params,
+                )
                 if sink is not None:
                     sink(key, merged)
                 else:

@@ -14,9 +14,12 @@ order in which tensors are processed.
 
 from __future__ import annotations
 
-import torch
+from typing import Annotated, Literal
 
-from .registry import merge_method
+import torch
+from pydantic import Field
+
+from .registry import Grid, merge_method
 from .task_arithmetic import task_vectors_
 from .ties import ties_task_vector_
 
@@ -68,10 +71,10 @@ def dare(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None = None,
     *,
-    drop_rate: float = 0.5,
-    combine: str = "task_arithmetic",
-    scaling: float | None = None,
-    density: float = 1.0,
+    drop_rate: Annotated[float, Field(ge=0, lt=1), Grid(0.1, 0.3, 0.5, 0.7, 0.9)] = 0.5,
+    combine: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+    scaling: Annotated[float, Field(ge=0), Grid(0.1, 0.2, 0.3, 0.5, 0.7, 1.0)] | None = None,
+    density: Annotated[float, Field(gt=0, le=1)] = 1.0,
     **ctx,
 ) -> torch.Tensor:
     """DARE: randomly drop ``drop_rate`` of each task vector, rescale, then combine (task arithmetic or TIES).

@@ -8,8 +8,18 @@ Two kinds of method exist:
 * ``model``: needs whole models, activation statistics or training (alignment, RegMean,
   Fisher, gated). It receives a :class:`~hf_vitmerge.methods.base.MergeContext`.
 
-The function's keyword parameters with defaults *are* the parameter schema: unknown keys
-in a config are rejected with the list of valid ones.
+The function's signature *is* the parameter schema (mergekit's ``easy_define`` idea): every
+keyword-only parameter becomes a field of a pydantic model, typed by its annotation (or, when
+it has none, by its default's type), with ranges and choices from ``Annotated[...]`` metadata::
+
+    @merge_method("ties", reference="https://arxiv.org/abs/2306.01708")
+    def ties(tensors, base: torch.Tensor, *,
+             density: Annotated[float, Field(gt=0, le=1), Grid(0.1, 0.2, 0.3)] = 0.2, **_): ...
+
+A tensorwise method whose ``base`` argument has no default needs a base model. ``Grid``
+declares the values tried when a config sets the parameter to ``auto`` (any float parameter
+may be ``auto``; see :mod:`hf_vitmerge.autotune`). Configs are validated against the schema
+before any model is loaded, with a message naming the method and the parameter.
 """
 
 from __future__ import annotations
@@ -17,9 +27,15 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _LOADED = False
@@ -40,6 +56,24 @@ def _load_all() -> None:
             importlib.import_module(f"{__package__}.{info.name}")
 
 
+AUTO = "auto"
+# Keyword arguments the merge engine passes to every tensorwise method (not user parameters):
+# the canonical key, its ParamInfo from the architecture adapter, and a seeded generator.
+ENGINE_ARGUMENTS = frozenset({"key", "param", "generator"})
+
+
+class Grid:
+    """``Annotated`` marker: the values an ``auto`` float parameter is chosen from."""
+
+    def __init__(self, *values: float):
+        if not values:
+            raise ValueError("Grid needs at least one value")
+        self.values = tuple(float(v) for v in values)
+
+    def __repr__(self) -> str:
+        return f"Grid{self.values}"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -50,14 +84,45 @@ class MethodSpec:
     reference: str
     defaults: dict = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    schema: type[BaseModel] | None = None  # pydantic model of the keyword parameters
+
+    def __post_init__(self) -> None:
+        if self.schema is None:  # built by hand: type each parameter by its default
+            fields = {k: (_default_type(v), v) for k, v in self.defaults.items()}
+            object.__setattr__(self, "schema", _model(self.name, fields))
 
     @property
     def summary(self) -> str:
         doc = inspect.getdoc(self.fn) or ""
         return doc.splitlines()[0] if doc else ""
 
-    def validate_params(self, params: dict | None) -> dict:
-        """Defaults updated by ``params``; unknown keys raise ``ValueError`` naming them."""
+    def float_parameters(self) -> list[str]:
+        """Parameters whose type admits a float (those that may be ``auto``)."""
+        return [n for n, f in self.schema.model_fields.items() if _admits_float(f.annotation)]
+
+    def auto_grid(self, name: str) -> tuple[float, ...]:
+        """The values tried for an ``auto`` parameter: its declared ``Grid``, else a few
+        multiples of its default, kept inside its declared range."""
+        metadata = _metadata(self.schema.model_fields[name])
+        for meta in metadata:
+            if isinstance(meta, Grid):
+                return meta.values
+        default = self.defaults.get(name)
+        if isinstance(default, bool) or not isinstance(default, (int, float)) or default == 0:
+            raise ValueError(
+                f"parameter {name!r} of method {self.name!r} declares no grid for `auto` and has no "
+                "non-zero numeric default to build one from; give it a number"
+            )
+        values = [float(f"{default * m:.6g}") for m in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)]
+        return tuple(v for v in values if _in_range(v, metadata))
+
+    def validate_params(self, params: dict | None, *, allow_auto: bool = True) -> dict:
+        """Defaults updated by ``params``, checked against the schema.
+
+        Raises ``ValueError`` naming the method and the parameter: unknown keys (with the list
+        of valid ones), wrong types, values out of range or not among the choices. Float
+        parameters may be ``"auto"`` (kept as the string; resolved when the merge runs).
+        """
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
@@ -65,44 +130,197 @@ class MethodSpec:
             raise ValueError(
                 f"unknown parameter(s) {unknown} for method {self.name!r}; valid parameters: {valid}"
             )
-        merged = dict(self.defaults)
-        for key, value in params.items():
-            default = self.defaults[key]
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise ValueError(
-                    f"parameter {key!r} of method {self.name!r} must be true/false, got {value!r}"
-                )
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(
-                        f"parameter {key!r} of method {self.name!r} must be a number, got {value!r}"
-                    )
-                value = type(default)(value) if isinstance(default, float) else value
-            merged[key] = value
+        autos = {k for k, v in params.items() if isinstance(v, str) and v.strip().lower() == AUTO}
+        if autos and not allow_auto:
+            raise ValueError(f"method {self.name!r}: parameter(s) {sorted(autos)} cannot be `auto` here")
+        floats = set(self.float_parameters())
+        for key in sorted(autos - floats):
+            raise ValueError(
+                f"parameter {key!r} of method {self.name!r} cannot be `auto`: only float parameters "
+                f"can ({', '.join(sorted(floats)) or 'this method has none'})"
+            )
+        concrete = {k: v for k, v in params.items() if k not in autos}
+        try:
+            model = self.schema.model_validate(concrete)
+        except ValidationError as err:
+            raise ValueError(_format_param_error(self.name, err, concrete)) from None
+        merged = {k: getattr(model, k) for k in self.defaults}
+        merged.update({k: AUTO for k in autos})
         return merged
+
+    def describe(self) -> list[dict]:
+        """One row per parameter: name, type, default, constraints (for docs and ``--help``)."""
+        rows = []
+        for name, info in self.schema.model_fields.items():
+            constraints = [_constraint(m) for m in _metadata(info)]
+            rows.append(
+                {
+                    "name": name,
+                    "type": _type_name(info.annotation),
+                    "default": self.defaults.get(name),
+                    "constraints": ", ".join(constraints),
+                }
+            )
+        return rows
+
+
+def _metadata(info) -> list:
+    """A field's constraints and markers, including those inside ``Annotated[...] | None``."""
+    out = list(info.metadata)
+    for arg in typing.get_args(info.annotation):
+        out += list(getattr(arg, "__metadata__", ()))
+    return out
+
+
+def _admits_float(annotation) -> bool:
+    """``float``, ``Annotated[float, ...]`` or a union holding one (not ``list[float]``)."""
+    if annotation is float:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _admits_float(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits_float(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _constraint(meta) -> str:
+    """``>= 0``, ``< 1``, ``grid 0.1, 0.2`` for one piece of field metadata."""
+    if isinstance(meta, Grid):
+        return "auto grid " + ", ".join(f"{v:g}" for v in meta.values)
+    for cls, sign in (
+        (annotated_types.Gt, ">"),
+        (annotated_types.Ge, ">="),
+        (annotated_types.Lt, "<"),
+        (annotated_types.Le, "<="),
+    ):
+        if isinstance(meta, cls):
+            return f"{sign} {getattr(meta, cls.__name__.lower())}"
+    inner = getattr(meta, "metadata", None)
+    return ", ".join(_constraint(m) for m in inner) if inner else repr(meta)
+
+
+def _in_range(value: float, metadata) -> bool:
+    checks = {
+        annotated_types.Gt: lambda m: value > m.gt,
+        annotated_types.Ge: lambda m: value >= m.ge,
+        annotated_types.Lt: lambda m: value < m.lt,
+        annotated_types.Le: lambda m: value <= m.le,
+    }
+    return all(checks[type(m)](m) for m in metadata if type(m) in checks)
+
+
+def _type_name(annotation) -> str:
+    """``float``, ``int | float | None``, ``list[float] | None``, ``'a' | 'b'`` (constraints left out)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _format_param_error(method: str, err: ValidationError, given: dict) -> str:
+    """One line per bad parameter: its name, the method, what it got and what it needs."""
+    problems: dict[str, list[str]] = {}
+    for e in err.errors():
+        key = str(e["loc"][0]) if e["loc"] else "(parameters)"
+        msg = e["msg"][0].lower() + e["msg"][1:]
+        if msg not in problems.setdefault(key, []):
+            problems[key].append(msg)
+    lines = []
+    for key, msgs in problems.items():
+        got = f" got {given[key]!r}:" if key in given else ":"
+        lines.append(f"parameter {key!r} of method {method!r}{got} " + ", or ".join(msgs))
+    return "\n".join(lines)
+
+
+def _default_type(default) -> Any:
+    """The type of a parameter that has no annotation, from its default (None: anything)."""
+    if default is None or default is inspect.Parameter.empty:
+        return Any
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, float):
+        return float
+    return type(default)
+
+
+def _annotation(fn: Callable, param: inspect.Parameter):
+    """The evaluated annotation of ``param`` (string annotations resolved in ``fn``'s module),
+    or ``None`` when it is missing or cannot be resolved."""
+    ann = param.annotation
+    if ann is inspect.Parameter.empty:
+        return None
+    if isinstance(ann, str):
+        namespace = {**vars(typing), **fn.__globals__}
+        try:
+            ann = eval(ann, namespace)  # noqa: S307 (the method module's own annotation text)
+        except Exception:
+            return None
+    if ann is float:
+        return float  # strict float accepts ints, rejects bools and strings
+    return ann
+
+
+def parameter_schema(fn: Callable, name: str) -> tuple[type[BaseModel], dict]:
+    """The pydantic model of ``fn``'s keyword-only parameters, and their defaults."""
+    fields, defaults = {}, {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in ENGINE_ARGUMENTS:
+            continue
+        ann = _annotation(fn, p)
+        if ann is None:
+            ann = _default_type(p.default)
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (ann, default)
+        defaults[p.name] = None if default is ... else default
+    return _model(name, fields), defaults
+
+
+def _model(name: str, fields: dict) -> type[BaseModel]:
+    return create_model(
+        f"{name.title().replace('_', '')}Parameters",
+        __config__=ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True),
+        **fields,
+    )
+
+
+def _signature_needs_base(fn: Callable, kind: str) -> bool:
+    """mergekit's rule: a tensorwise method whose ``base`` argument has no default needs a base."""
+    if kind != "tensorwise":
+        return False
+    param = inspect.signature(fn).parameters.get("base")
+    return param is not None and param.default is inspect.Parameter.empty
 
 
 def merge_method(
     name: str,
     *,
     kind: str = "tensorwise",
-    needs_base: bool = False,
+    needs_base: bool | None = None,
     needs_data: bool = False,
     reference: str = "",
     aliases: tuple[str, ...] = (),
 ):
-    """Register a merge method. Keyword-only parameters with defaults form its schema."""
+    """Register a merge method; its keyword-only parameters form its typed schema.
+
+    ``needs_base`` defaults to what the signature says (a tensorwise ``base`` argument without
+    a default); an explicit value wins.
+    """
     if kind not in ("tensorwise", "model"):
         raise ValueError(f"kind must be 'tensorwise' or 'model', got {kind!r}")
 
     def wrap(fn: Callable) -> Callable:
-        sig = inspect.signature(fn)
-        defaults = {
-            p.name: p.default
-            for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
-        }
-        spec = MethodSpec(name, fn, kind, needs_base, needs_data, reference, defaults, aliases)
+        schema, defaults = parameter_schema(fn, name)
+        base = _signature_needs_base(fn, kind) if needs_base is None else needs_base
+        spec = MethodSpec(name, fn, kind, base, needs_data, reference, defaults, aliases, schema)
         for n in (name, *aliases):
             if n in _REGISTRY and _REGISTRY[n].fn is not fn:
                 raise ValueError(f"merge method {n!r} is registered twice")

@@ -3,10 +3,16 @@ https://arxiv.org/abs/2212.04089): ``theta = theta_base + lambda * sum_k (theta_
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from ._stack import stacked
-from .registry import merge_method
+from .registry import Grid, merge_method
+
+# lambda: the papers pick it on validation data from [0, 1] (this grid serves `scaling: auto`).
+Scaling = Annotated[float, Field(ge=0), Grid(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
 
 
 def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
@@ -22,7 +28,7 @@ def task_vectors_(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tens
 
 @merge_method("task_arithmetic", needs_base=True, reference="https://arxiv.org/abs/2212.04089")
 def task_arithmetic(
-    tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, scaling: float = 0.3, **_
+    tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, scaling: Scaling = 0.3, **_
 ) -> torch.Tensor:
     """Add the sum of the task vectors, scaled by ``scaling`` (lambda), to the base model.
 

@@ -32,10 +32,13 @@ Deviations from the released code (github.com/prateeksha-yadav/ties-merging), no
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
+from pydantic import Field
 
-from .registry import merge_method
+from .registry import Grid, merge_method
 from .task_arithmetic import task_vectors_
 
 _EXACT_MAX = 1 << 17  # task vectors up to this size get the exact k-th largest magnitude
@@ -147,8 +150,8 @@ def ties(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None = None,
     *,
-    density: float = 0.2,
-    scaling: float = 1.0,
+    density: Annotated[float, Field(gt=0, le=1), Grid(0.1, 0.2, 0.3, 0.5)] = 0.2,
+    scaling: Annotated[float, Field(ge=0), Grid(0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)] = 1.0,
     **_,
 ) -> torch.Tensor:
     """TIES-Merging: trim task vectors to their top-``density`` entries, elect signs, average the agreeing ones.

@@ -35,6 +35,10 @@ dividing by 1e-7.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
+from pydantic import Field
+
 from ..alignment import (
     activation_similarities,
     aligned_result,
@@ -57,11 +61,11 @@ PARTIAL_ZIP_DEFAULTS = (0.5, 1.0)
 def zipit(
     ctx,
     *,
-    alpha: float | None = None,
-    beta: float | None = None,
-    stop_block: int | float | None = None,
+    alpha: Annotated[float, Field(le=1)] | None = None,
+    beta: Annotated[float, Field(ge=0, le=1)] | None = None,
+    stop_block: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0, lt=1)] | None = None,
     repair: bool = True,
-    residual_features: str = "layernorms",
+    residual_features: Literal["cls", "tokens", "layernorms"] = "layernorms",
 ):
     """ZipIt!: greedy zip of correlated features within and across models (optionally partial)."""
     adapter = ctx.adapter
