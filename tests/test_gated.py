@@ -341,6 +341,7 @@ def test_no_base_falls_back_to_a_base_free_static_method(zoo):
     assert "No base model" in model.merge_info["static_note"]
 
 
+@pytest.mark.slow
 def test_trainer_trains_only_the_router(zoo):
     """The gated model is Trainer-compatible: with the backbone and heads frozen, Trainer fits the
     router inside the merged model (task ids as ``task_labels``) and the loss falls."""
