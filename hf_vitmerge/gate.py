@@ -324,3 +324,65 @@ def fit_router(
     model.config.gate_config["validation_accuracy"] = trained.config.validation_accuracy
     info["gate_kind"] = cfg.kind
     return info
+
+
+@torch.inference_mode()
+def true_task_accuracy(model, suite, processor, *, batch_size: int = 64) -> dict:
+    """The routing ceiling: a routed model's accuracy when the true task is given (``task=``).
+
+    Per task, predictions within the task's own labels; ``normalized_accuracy`` divides by the
+    suite's individual accuracies.
+    """
+    from .data import load_task_data
+    from .evaluation import individual_accuracies, label_positions
+
+    labels = [str(model.config.id2label[i]) for i in range(len(model.config.id2label))]
+    per_task = {}
+    for ti, task in enumerate(suite.tasks):
+        data = load_task_data(
+            task.test,
+            image_column=task.image_column,
+            label_column=task.label_column,
+            num_labels=len(task.labels),
+            require_labels=True,
+        )
+        pos = torch.tensor(label_positions(labels, task))
+        hits = []
+        for pixels, y in data.batches(processor, batch_size, with_labels=True):
+            logits = model(pixel_values=pixels, task=ti).logits[:, pos]
+            hits.append(logits.argmax(-1) == y)
+        per_task[task.name] = float(torch.cat(hits).double().mean())
+    individual = individual_accuracies(suite, batch_size=batch_size)
+    normalized = sum(per_task[t] / individual[t] for t in per_task) / len(per_task)
+    return {"per_task_accuracy": per_task, "normalized_accuracy": normalized}
+
+
+def task_identifiability(
+    suite, *, samples_per_task: int = 600, epochs: int = 15, seed: int = 0, quiet: bool = True
+) -> dict:
+    """How visible the task is in the image: a CNN router trained on ``samples_per_task`` training
+    images of every task (20 % held back) to tell the task; its held-out accuracy, overall and
+    per task."""
+    from transformers import AutoImageProcessor
+
+    from .data import load_task_data
+
+    processor = AutoImageProcessor.from_pretrained(suite.tasks[0].model)
+    data = [
+        load_task_data(t.train, image_column=t.image_column).subset(samples_per_task, seed=seed)
+        for t in suite.tasks
+    ]
+    _, metrics = train_gate(
+        gate_pixels(data, processor),
+        suite.task_names,
+        kind="cnn",
+        validation_fraction=0.2,
+        trainer={"num_train_epochs": epochs},
+        seed=seed,
+        quiet=quiet,
+    )
+    return {
+        "identifiability": metrics["gate_validation_accuracy"],
+        "per_task": metrics["gate_validation_accuracy_per_task"],
+        "samples": metrics["gate_train_samples"] + metrics["gate_validation_samples"],
+    }

@@ -385,3 +385,14 @@ def test_trainer_trains_only_the_router(zoo):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_card_records_router_accuracy_storage_and_static_fallback(zoo, tmp_path):
+    from hf_vitmerge.card import write_model_card
+
+    config = _config(zoo, m=1)
+    del config["base_model"]
+    model = merge(config, quiet=True)
+    text = write_model_card(tmp_path, model.merge_context, model.merge_info).read_text()
+    for fact in ("gate_validation_accuracy", "storage_ratio", "No base model", "average"):
+        assert fact in text, fact
