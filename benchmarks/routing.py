@@ -26,7 +26,10 @@ def _ms(values):
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return [round(statistics.fmean(values), 4), round(statistics.stdev(values), 4) if len(values) > 1 else 0.0]
+    return [
+        round(statistics.fmean(values), 4),
+        round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+    ]
 
 
 def main() -> None:
@@ -40,7 +43,11 @@ def main() -> None:
     torch.set_num_threads(2)
     suite = load_suite(args.suite)
     ref = reference_results(suite)
-    out = {"suite": suite.name, "individual_throughput_img_s": ref["individual"]["throughput_img_s"], "results": []}
+    out = {
+        "suite": suite.name,
+        "individual_throughput_img_s": ref["individual"]["throughput_img_s"],
+        "results": [],
+    }
     if args.identifiability:
         start = time.perf_counter()
         out["identifiability"] = task_identifiability(suite)
@@ -67,7 +74,9 @@ def main() -> None:
                     "per_task": scores["per_task_accuracy"],
                 }
             )
-            print(name, params, json.dumps({k: v for k, v in runs[-1].items() if k != "per_task"}), flush=True)
+            print(
+                name, params, json.dumps({k: v for k, v in runs[-1].items() if k != "per_task"}), flush=True
+            )
         summary = {k: _ms([r[k] for r in runs]) for k in runs[0] if k not in ("seed", "per_task")}
         out["results"].append({"method": name, "params": params, **summary, "per_seed": runs})
         print("SUMMARY", name, params, json.dumps(summary), flush=True)

@@ -80,7 +80,9 @@ def router_features(model, pixels: Sequence[torch.Tensor], batch_size: int = 64)
     """The features router's inputs for every task's images, from a routed merged model."""
     model.eval()
     return [
-        torch.cat([model.router_features(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+        torch.cat(
+            [model.router_features(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        )
         for x in pixels
     ]
 
@@ -255,7 +257,10 @@ def task_pixels(ctx, samples_per_task: int, method: str) -> list[torch.Tensor]:
                 f"{entry.data.split!r}; the router must not be trained on evaluation data"
             )
         task = load_task_data(
-            entry.data.path, entry.data.split, image_column=entry.data.image_column, revision=entry.data.revision
+            entry.data.path,
+            entry.data.split,
+            image_column=entry.data.image_column,
+            revision=entry.data.revision,
         )
         data.append(task.subset(samples_per_task, seed=ctx.seed))
     return gate_pixels(data, processor, ctx.config.calibration.batch_size)

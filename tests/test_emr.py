@@ -8,12 +8,15 @@ import subprocess
 import sys
 import textwrap
 
+import test_gated
 import torch
-from test_gated import TASKS, _pixels, zoo  # noqa: F401  (zoo is a fixture)
+from test_gated import TASKS, _pixels
 
 from hf_vitmerge.arch import ViTAdapter
 from hf_vitmerge.merging import merge
 from hf_vitmerge.modeling.emr import pack_mask, unpack_mask
+
+zoo = test_gated.zoo  # the gated tests' two-task zoo fixture
 
 
 def _emr_config(zoo, **parameters) -> dict:
@@ -131,7 +134,12 @@ def test_emr_loads_with_auto_classes_and_remote_code(zoo, tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""},
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_MODULES_CACHE": str(tmp_path / "modules"),
+            "PYTHONPATH": "",
+        },
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OK EMRMergedViTForImageClassification" in done.stdout

@@ -358,7 +358,7 @@ def test_trainer_trains_only_the_router(zoo):
     labels[tasks == 1] = 3
     with torch.no_grad():
         assert model(pixel_values=pixels, labels=labels).loss.ndim == 0  # a classification loss
-    rows = [{"pixel_values": x, "task_labels": t} for x, t in zip(pixels, tasks)]
+    rows = [{"pixel_values": x, "task_labels": t} for x, t in zip(pixels, tasks, strict=True)]
 
     def loss_on_all() -> float:
         with torch.no_grad():

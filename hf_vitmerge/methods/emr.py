@@ -48,7 +48,9 @@ def elect_mask_rescale(base: dict, models: list[dict]) -> tuple[dict, dict, list
     return unified, masks, rescalers
 
 
-@merge_method("emr", kind="model", needs_base=True, needs_data=True, reference="https://arxiv.org/abs/2405.17461")
+@merge_method(
+    "emr", kind="model", needs_base=True, needs_data=True, reference="https://arxiv.org/abs/2405.17461"
+)
 def emr(
     ctx,
     *,

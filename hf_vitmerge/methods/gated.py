@@ -272,8 +272,14 @@ def gated(
 def check_router_layers(router_layers, num_layers: int, method: str) -> None:
     if router_layers is None:
         return
-    if isinstance(router_layers, bool) or not isinstance(router_layers, int) or not 0 <= router_layers <= num_layers:
-        raise ValueError(f"{method}: `router_layers` must be null or an integer in 0..{num_layers}, got {router_layers!r}")
+    if (
+        isinstance(router_layers, bool)
+        or not isinstance(router_layers, int)
+        or not 0 <= router_layers <= num_layers
+    ):
+        raise ValueError(
+            f"{method}: `router_layers` must be null or an integer in 0..{num_layers}, got {router_layers!r}"
+        )
 
 
 def storage_facts(ctx, model) -> dict:

@@ -64,7 +64,9 @@ class EMRMergedViTForImageClassification(RoutedViTBase):
         self.unified = nn.ParameterList(nn.Parameter(torch.empty(s)) for s in shapes)
         self.rescalers = nn.Parameter(torch.ones(num_tasks))
         for i, s in enumerate(shapes):
-            self.register_buffer(f"mask_{i}", torch.zeros(num_tasks, -(-math.prod(s) // 8), dtype=torch.uint8))
+            self.register_buffer(
+                f"mask_{i}", torch.zeros(num_tasks, -(-math.prod(s) // 8), dtype=torch.uint8)
+            )
         self._free_slots(names)
         self._masked_names, self._shapes = names, shapes
         self._build_router_and_heads(config)

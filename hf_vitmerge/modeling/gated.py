@@ -225,9 +225,13 @@ def run_backbone(vit: ViTModel, pixel_values, params: dict[str, torch.Tensor], n
     """The ViT's LayerNorm-ed token states with ``params`` (in-memory names) substituted, after
     its first ``num_layers`` blocks (all when ``None``)."""
     patch = "embeddings.patch_embeddings.projection.weight"
-    dtype = params[patch].dtype if patch in params else vit.embeddings.patch_embeddings.projection.weight.dtype
+    dtype = (
+        params[patch].dtype if patch in params else vit.embeddings.patch_embeddings.projection.weight.dtype
+    )
     hidden = _call(vit.embeddings, "embeddings.", params, pixel_values.to(dtype))
-    blocks, prefix = (vit.layers, "layers.") if hasattr(vit, "layers") else (vit.encoder.layer, "encoder.layer.")
+    blocks, prefix = (
+        (vit.layers, "layers.") if hasattr(vit, "layers") else (vit.encoder.layer, "encoder.layer.")
+    )
     for i, layer in enumerate(blocks if num_layers is None else blocks[:num_layers]):
         hidden = _call(layer, f"{prefix}{i}.", params, hidden)
     return _call(vit.layernorm, "layernorm.", params, hidden)

@@ -353,7 +353,9 @@ SHAPE_TASKS: tuple[ShapeTask, ...] = (
 #: neighbouring hues also differ in stroke.
 LOOKS: tuple[Look, ...] = tuple(Look(_look_colour(k, 12), dash=2 * (k % 2)) for k in range(12))
 SHAPE_TASKS = tuple(
-    ShapeTask(t.name, t.labels, t.draw, f"{t.description}; framed ({'dashed' if look.dash else 'solid'})", look)
+    ShapeTask(
+        t.name, t.labels, t.draw, f"{t.description}; framed ({'dashed' if look.dash else 'solid'})", look
+    )
     for t, look in zip(SHAPE_TASKS, LOOKS, strict=True)
 )
 
