@@ -180,7 +180,11 @@ def reference_results(
             hits.append((joint_predictions(blocks) == (y + offsets[ti])).float())
         joint = float(torch.cat(hits).mean())
     return {
-        "individual": {"per_task_accuracy": individual, "avg_task_accuracy": avg, "throughput_img_s": throughput},
+        "individual": {
+            "per_task_accuracy": individual,
+            "avg_task_accuracy": avg,
+            "throughput_img_s": throughput,
+        },
         "ensemble": {"per_task_accuracy": individual, "avg_task_accuracy": avg, "joint_accuracy": joint},
     }
 
