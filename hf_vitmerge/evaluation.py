@@ -115,7 +115,9 @@ def joint_predictions(blocks: list[torch.Tensor]) -> torch.Tensor:
     Normalising each block first makes heads with different logit scales comparable, so a
     union head, a multi-head model and an ensemble of task models are scored alike.
     """
-    return torch.cat([torch.log_softmax(b.double(), -1) for b in blocks], -1).argmax(-1)
+    # A block that is all -inf (a routed model ruling a task out) stays -inf instead of NaN.
+    scores = torch.cat([torch.log_softmax(b.double(), -1) for b in blocks], -1)
+    return scores.nan_to_num(nan=float("-inf")).argmax(-1)
 
 
 def _model_labels(model) -> list[str]:

@@ -262,10 +262,22 @@ class RoutedViTBase(PreTrainedModel):
     def task_params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def _uniform_params(self, device) -> dict[str, torch.Tensor]:
+        """``task_params`` with every task weighted equally, cached until a parameter changes."""
+        versions = tuple(p._version for p in self.parameters()) + tuple(b._version for b in self.buffers())
+        cached = getattr(self, "_uniform_cache", None)
+        if self.training or torch.is_grad_enabled() or cached is None or cached[0] != versions:
+            uniform = torch.full((self.num_tasks,), 1.0 / self.num_tasks, device=device)
+            params = self.task_params(uniform)
+            if self.training or torch.is_grad_enabled():
+                return params
+            self._uniform_cache = cached = (versions, params)
+        return cached[1]
+
     def router_features(self, pixel_values) -> torch.Tensor:
         """CLS and mean patch token of the equally weighted backbone (the features gate's input)."""
-        uniform = torch.full((self.num_tasks,), 1.0 / self.num_tasks, device=pixel_values.device)
-        states = run_backbone(self.vit, pixel_values, self.task_params(uniform), self.config.router_layers)
+        params = self._uniform_params(pixel_values.device)
+        states = run_backbone(self.vit, pixel_values, params, self.config.router_layers)
         return torch.cat([states[:, 0], states[:, 1:].mean(1)], dim=-1)
 
     def route(self, pixel_values) -> torch.Tensor:
@@ -380,6 +392,10 @@ class GatedMergedViTForImageClassification(RoutedViTBase):
 
     def task_params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dynamic tensors merged with task weights ``[K]``: ``sum_k w_k W_k`` (in-memory names)."""
+        nonzero = torch.nonzero(weights).flatten()
+        if nonzero.numel() == 1 and float(weights[nonzero[0]]) == 1.0:  # one task: its own tensors
+            k = int(nonzero[0])
+            return {name: stack[k] for name, stack in zip(self._dynamic_names, self.dynamic, strict=True)}
         return {
             name: torch.tensordot(weights.to(stack.dtype), stack, dims=1)
             for name, stack in zip(self._dynamic_names, self.dynamic, strict=True)
