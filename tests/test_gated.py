@@ -396,3 +396,13 @@ def test_card_records_router_accuracy_storage_and_static_fallback(zoo, tmp_path)
     text = write_model_card(tmp_path, model.merge_context, model.merge_info).read_text()
     for fact in ("gate_validation_accuracy", "storage_ratio", "No base model", "average"):
         assert fact in text, fact
+
+
+def test_joint_rule_keeps_ruled_out_blocks_out():
+    """A routed model's logits are -inf outside the predicted task: the joint rule must not turn
+    those blocks into NaN (which argmax would pick)."""
+    from hf_vitmerge.evaluation import joint_predictions
+
+    inf = float("-inf")
+    blocks = [torch.tensor([[inf, inf], [-0.1, -2.5]]), torch.tensor([[-3.0, -0.05, -4.0], [inf, inf, inf]])]
+    assert joint_predictions(blocks).tolist() == [3, 0]
