@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .gated import check_router_layers, storage_facts
+from .gated import check_router_layers, default_router_layers, storage_facts
 from .registry import merge_method
 
 
@@ -82,6 +82,7 @@ def emr(
     if len(ctx.sources) < 2:
         raise ValueError("emr: needs at least two models")
     check_router_layers(router_layers, adapter.spec.num_layers, "emr")
+    router_layers = default_router_layers(router_layers, adapter.spec.num_layers)
 
     start = time.perf_counter()
     keys = list(adapter.backbone_keys)
@@ -153,7 +154,7 @@ def emr(
     info.update(
         {
             "granularity": granularity,
-            "router_layers": router_layers if router_layers is not None else adapter.spec.num_layers,
+            "router_layers": router_layers,
             "rescalers": {name: round(v, 4) for name, v in zip(ctx.task_names, rescalers, strict=True)},
             "mask_density": kept,
             **storage_facts(ctx, model),

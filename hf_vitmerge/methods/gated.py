@@ -163,7 +163,7 @@ def gated(
     ``transformers.Trainer`` on ``gate_samples_per_task`` train images per task,
     ``gate_validation_fraction`` of them held back. ``gate_kind``: features (a head with
     ``gate_hidden`` units (default: the ViT's width) on the CLS and mean patch token of the equally weighted merged ViT
-    after ``router_layers`` blocks, all when null) | cnn (a CNN of ``gate_channels``).
+    after ``router_layers`` blocks; null: a quarter of them, at least one) | cnn (a CNN of ``gate_channels``).
     ``trainer``: overrides for ``transformers.TrainingArguments``.
     """
     import time
@@ -183,6 +183,7 @@ def gated(
     if num_tasks < 2:
         raise ValueError("gated: needs at least two models")
     check_router_layers(router_layers, num_layers, "gated")
+    router_layers = default_router_layers(router_layers, num_layers)
 
     start = time.perf_counter()
     sims = block_similarities(ctx, similarity_on)
@@ -256,7 +257,7 @@ def gated(
             "granularity": granularity,
             "static_method": static_name if static_keys else "none (every backbone tensor is dynamic)",
             "similarity_on": similarity_on,
-            "router_layers": router_layers if router_layers is not None else num_layers,
+            "router_layers": router_layers,
             "dynamic_blocks": blocks,
             "block_similarity": {
                 k: {str(layer): round(v, 6) for layer, v in s.items()} for k, s in sims.items()
@@ -267,6 +268,12 @@ def gated(
         }
     )
     return MergeResult(model=model, info=info)
+
+
+def default_router_layers(router_layers, num_layers: int) -> int:
+    """``null``: a quarter of the blocks (at least one). On shapes-tasks (tiny) one of three blocks
+    routed as well as all three at twice the throughput (BENCHMARKS.md, issue 13)."""
+    return max(1, num_layers // 4) if router_layers is None else router_layers
 
 
 def check_router_layers(router_layers, num_layers: int, method: str) -> None:
