@@ -38,6 +38,11 @@ def main() -> None:
     parser.add_argument("--methods", default="gated")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--identifiability", action="store_true")
+    parser.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="only the true-task accuracy and storage (no reference ensemble, no routed evaluation)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -59,8 +64,18 @@ def main() -> None:
             ctx = prepare(suite_config(suite, name, params, seed=seed), quiet=True)
             model, info = execute(ctx)
             processor = ctx.sources[0].image_processor()
-            scores = evaluate_model(model, suite, processor=processor)
             ceiling = true_task_accuracy(model, suite, processor)
+            if args.ceiling_only:
+                runs.append(
+                    {
+                        "seed": seed,
+                        "true_task_normalized": ceiling["normalized_accuracy"],
+                        "storage_ratio": info.get("storage_ratio"),
+                    }
+                )
+                print(name, params, json.dumps(runs[-1]), flush=True)
+                continue
+            scores = evaluate_model(model, suite, processor=processor)
             runs.append(
                 {
                     "seed": seed,
