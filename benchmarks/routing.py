@@ -16,7 +16,8 @@ import time
 import torch
 
 from hf_vitmerge.api import parse_methods, parse_seeds, suite_config
-from hf_vitmerge.evaluation import evaluate_model, reference_results
+from hf_vitmerge import evaluation
+from hf_vitmerge.evaluation import evaluate_model, individual_accuracies, reference_results
 from hf_vitmerge.gate import task_identifiability, true_task_accuracy
 from hf_vitmerge.merging import execute, prepare
 from hf_vitmerge.suite import load_suite
@@ -43,6 +44,7 @@ def main() -> None:
         action="store_true",
         help="only the true-task accuracy and storage (no reference ensemble, no routed evaluation)",
     )
+    parser.add_argument("--no-ensemble", action="store_true", help="skip the ensemble reference")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(2)

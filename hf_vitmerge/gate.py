@@ -57,7 +57,7 @@ DEFAULT_TRAINER_ARGS = {
 
 # The features head is small and its inputs are precomputed, so more epochs cost little.
 FEATURES_TRAINER_ARGS = {
-    "num_train_epochs": 30,
+    "num_train_epochs": 10,
     "per_device_train_batch_size": 64,
     "learning_rate": 1e-3,
     "weight_decay": 0.01,
