@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from hf_vitmerge.api import parse_methods, parse_seeds, suite_config
 from hf_vitmerge import evaluation
+from hf_vitmerge.api import parse_methods, parse_seeds, suite_config
 from hf_vitmerge.evaluation import evaluate_model, individual_accuracies, reference_results
 from hf_vitmerge.gate import task_identifiability, true_task_accuracy
 from hf_vitmerge.merging import execute, prepare
@@ -49,12 +49,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     suite = load_suite(args.suite)
-    ref = reference_results(suite)
-    out = {
-        "suite": suite.name,
-        "individual_throughput_img_s": ref["individual"]["throughput_img_s"],
-        "results": [],
-    }
+    out = {"suite": suite.name, "results": []}
+    if not args.ceiling_only:
+        if args.no_ensemble:
+            individual_accuracies(suite)
+            rate = evaluation._CACHE[("throughput", str(suite.path.resolve()))]
+        else:
+            rate = reference_results(suite)["individual"]["throughput_img_s"]
+        out["individual_throughput_img_s"] = rate
     if args.identifiability:
         start = time.perf_counter()
         out["identifiability"] = task_identifiability(suite)
