@@ -427,6 +427,7 @@ def _run_one(config: MergeConfig, suite: Suite, *, device: str, quiet: bool) -> 
         "stats_seconds": round(stats_s, 3),
         "peak_rss_mb": mem.peak_mb,
         "num_parameters": scores["num_parameters"],
+        "throughput_img_s": scores.get("throughput_img_s"),
         "info": {
             **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
             "model_class": type(model).__name__,
@@ -459,6 +460,8 @@ def aggregate_seeds(method: str, runs: list[dict], *, with_seeds: bool = True) -
     for key in ("merge_seconds", "stats_seconds", "peak_rss_mb"):
         result[key] = round(statistics.fmean(r[key] for r in runs), 3)
     result["num_parameters"] = runs[0]["num_parameters"]
+    rates = [r.get("throughput_img_s") for r in runs]
+    result["throughput_img_s"] = round(statistics.fmean(rates), 1) if None not in rates else None
     result["info"] = runs[0]["info"]
     result["per_seed"] = [
         {k: r[k] for k in ("seed", "params", *_ACCURACY_FIELDS, "merge_seconds", "stats_seconds")}

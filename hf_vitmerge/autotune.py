@@ -29,9 +29,10 @@ from .methods.registry import AUTO, MethodSpec
 VALIDATION_SAMPLES = 128  # per task
 
 
-def auto_names(params: dict) -> list[str]:
-    """The parameters set to ``auto``."""
-    return [k for k, v in params.items() if isinstance(v, str) and v == AUTO]
+def auto_names(params: dict, spec: MethodSpec) -> list[str]:
+    """The float parameters set to ``auto`` (a string parameter may have ``"auto"`` as a choice)."""
+    floats = set(spec.float_parameters())
+    return [k for k, v in params.items() if k in floats and isinstance(v, str) and v == AUTO]
 
 
 def validation_slice(ctx, index: int, samples: int = VALIDATION_SAMPLES) -> tuple[TaskData, bool]:
@@ -119,7 +120,7 @@ def resolve_auto(
 
     ``build(params)`` merges and assembles a model for concrete parameters.
     """
-    names = auto_names(params)
+    names = auto_names(params, spec)
     grids = [spec.auto_grid(n) for n in names]
     start = time.perf_counter()
     scorer = ValidationScorer(ctx)

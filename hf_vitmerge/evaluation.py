@@ -11,12 +11,16 @@ Scores are computed by the project's own ``evaluate`` module, shipped in
   union head is split into its tasks' label blocks first; a multi-head model's blocks are
   already log-probabilities; the ensemble's blocks are its task models' logits (the ZipIt!
   protocol, per-task softmax then argmax, is the same rule);
-* normalized accuracy: mean over tasks of merged / individual accuracy.
+* normalized accuracy: mean over tasks of merged / individual accuracy;
+* throughput (``throughput_img_s``): test images per second through the model's forward
+  passes at the evaluation batch size (preprocessing not counted); for the individual
+  reference, the task models' forwards on their own test splits.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -82,9 +86,19 @@ def _load(model_or_path, processor=None, trust_remote_code: bool = False):
 
 @torch.inference_mode()
 def predict_logits(
-    model, processor, task: SuiteTask, *, batch_size: int = 64, device: str = "cpu", quiet: bool = True
+    model,
+    processor,
+    task: SuiteTask,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    quiet: bool = True,
+    clock: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of ``model`` on a task's test split, and the true labels."""
+    """Logits of ``model`` on a task's test split, and the true labels.
+
+    ``clock`` (a dict) accumulates ``seconds`` spent in the model's forward and ``images``.
+    """
     data = load_task_data(
         task.test,
         image_column=task.image_column,
@@ -100,7 +114,11 @@ def predict_logits(
         disable=quiet,
         total=-(-len(data) // batch_size),
     ):
+        start = time.perf_counter()
         outs.append(model(pixel_values=pixels.to(device)).logits.float().cpu())
+        if clock is not None:
+            clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - start
+            clock["images"] = clock.get("images", 0) + len(pixels)
         labels.append(y)
     return torch.cat(outs), torch.cat(labels)
 
@@ -124,7 +142,9 @@ def joint_predictions(blocks: list[torch.Tensor]) -> torch.Tensor:
     Normalising each block first makes heads with different logit scales comparable, so a
     union head, a multi-head model and an ensemble of task models are scored alike.
     """
-    return torch.cat([torch.log_softmax(b.double(), -1) for b in blocks], -1).argmax(-1)
+    # A block that is all -inf (a routed model ruling a task out) stays -inf instead of NaN.
+    scores = torch.cat([torch.log_softmax(b.double(), -1) for b in blocks], -1)
+    return scores.nan_to_num(nan=float("-inf")).argmax(-1)
 
 
 def _model_labels(model) -> list[str]:
@@ -143,9 +163,11 @@ def individual_accuracies(
     key = ("individual", str(suite.path.resolve()))
     if key not in _CACHE:
         metric = load_metric()
-        preds, refs, ids = [], [], []
+        preds, refs, ids, clock = [], [], [], {}
         for ti, task in enumerate(suite.tasks):
-            logits, y = predict_logits(*_load(task.model), task, batch_size=batch_size, device=device)
+            logits, y = predict_logits(
+                *_load(task.model), task, batch_size=batch_size, device=device, clock=clock
+            )
             preds.append(logits.argmax(-1))
             refs.append(y)
             ids.append(torch.full_like(y, ti))
@@ -156,7 +178,12 @@ def individual_accuracies(
             task_names=suite.task_names,
         )
         _CACHE[key] = scores["per_task_accuracy"]
+        _CACHE[("throughput", *key[1:])] = _throughput(clock)
     return dict(_CACHE[key])
+
+
+def _throughput(clock: dict) -> float | None:
+    return round(clock["images"] / clock["seconds"], 1) if clock.get("seconds") else None
 
 
 def reference_results(
@@ -165,6 +192,7 @@ def reference_results(
     """Individual and ensemble references (INTERFACES.md §4 ``reference``)."""
     suite = _as_suite(suite)
     individual = individual_accuracies(suite, batch_size=batch_size, device=device)
+    throughput = _CACHE.get(("throughput", str(suite.path.resolve())))
     avg = sum(individual.values()) / len(individual)
     joint = None
     if not suite.shared_labels:
@@ -181,7 +209,11 @@ def reference_results(
             hits.append((joint_predictions(blocks) == (y + offsets[ti])).float())
         joint = float(torch.cat(hits).mean())
     return {
-        "individual": {"per_task_accuracy": individual, "avg_task_accuracy": avg},
+        "individual": {
+            "per_task_accuracy": individual,
+            "avg_task_accuracy": avg,
+            "throughput_img_s": throughput,
+        },
         "ensemble": {"per_task_accuracy": individual, "avg_task_accuracy": avg, "joint_accuracy": joint},
     }
 
@@ -217,13 +249,13 @@ def evaluate_model(
     labels = _model_labels(model)
     metric = load_metric()
     preds, refs, task_ids, joint_hits = [], [], [], []
-    covered = []
+    covered, clock = [], {}
     union_positions = [label_positions(labels, t) for t in chosen]
     # The joint rule's blocks: every task the model can answer, each in its own label order.
     blocks = [pos for pos in union_positions if pos is not None]
     joint_cols = torch.tensor([p for pos in blocks for p in pos], dtype=torch.long)
     for ti, task in enumerate(tqdm(chosen, desc="evaluate", disable=quiet)):
-        logits, y = predict_logits(model, processor, task, batch_size=batch_size, device=device)
+        logits, y = predict_logits(model, processor, task, batch_size=batch_size, device=device, clock=clock)
         pos = union_positions[ti]
         if pos is not None:
             covered.append(task.name)
@@ -257,4 +289,5 @@ def evaluate_model(
         "normalized_accuracy": scores["normalized_accuracy"],
         "joint_accuracy": float(torch.cat(joint_hits).mean()) if joint_hits else None,
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "throughput_img_s": _throughput(clock),
     }

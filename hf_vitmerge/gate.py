@@ -1,7 +1,10 @@
-"""The task gate of gated merging: data, training with ``transformers.Trainer``, loading.
+"""The task router of gated and EMR merging: data, training with ``transformers.Trainer``, loading.
 
-The gate (:class:`~hf_vitmerge.modeling.gated.TaskGate`, a small CNN) learns to tell from an
-image which task (or domain) it comes from; the class labels are never used. Following the
+The router (:class:`~hf_vitmerge.modeling.gated.TaskGate`) learns to tell from an image which
+task (or domain) it comes from; the class labels are never used. Its default kind,
+``features``, is a small head on the merged backbone's own features (CLS and mean patch token
+of the equally weighted merged ViT, computed once per calibration image by
+:func:`router_features`); the ``cnn`` kind is a small CNN on the image. Following the
 paper (Ye et al., https://arxiv.org/abs/2312.16240) and its released code, the target is the
 index of the source dataset. Deviations from the released code (github.com/harveyhuang18/Mixture_of_Weights):
 
@@ -9,7 +12,8 @@ index of the source dataset. Deviations from the released code (github.com/harve
   (a double softmax), which flattens the gradients;
 * the gate sees the **train** split of every task (the released script used the test splits
   it then evaluates on), with a held-back part of it for the validation accuracy we report;
-* a small CNN trained from scratch instead of an ImageNet MobileNetV2, no TrivialAugment
+* the ViT's own features (or a small CNN trained from scratch) instead of an ImageNet
+  MobileNetV2, no TrivialAugment
   (flips or shifts would erase domains such as "mirrored" or "shifted"), and AdamW with
   lr 1e-3 instead of Adam 1e-4 (which suits fine-tuning a pretrained network);
 * images are preprocessed by the first input model's image processor, so the gate reads the
@@ -28,7 +32,15 @@ import torch
 from .errors import InputError
 from .modeling.gated import TaskGate, TaskGateConfig
 
-__all__ = ["TaskGate", "TaskGateConfig", "gate_pixels", "load_gate", "train_gate", "trainer_arguments"]
+__all__ = [
+    "TaskGate",
+    "TaskGateConfig",
+    "gate_pixels",
+    "load_gate",
+    "router_features",
+    "train_gate",
+    "trainer_arguments",
+]
 
 DEFAULT_TRAINER_ARGS = {
     "num_train_epochs": 5,  # paper / released code
@@ -44,19 +56,47 @@ DEFAULT_TRAINER_ARGS = {
     "dataloader_num_workers": 0,
 }
 
+# The features head is small and its inputs are precomputed, so more epochs cost little.
+FEATURES_TRAINER_ARGS = {
+    "num_train_epochs": 10,
+    "per_device_train_batch_size": 64,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.01,
+}
+
 
 class _TaskImages(torch.utils.data.Dataset):
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
-        self.pixels, self.labels = pixels, labels
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, key: str = "pixel_values"):
+        self.pixels, self.labels, self.key = pixels, labels, key
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+        return {self.key: self.pixels[i], "labels": self.labels[i]}
 
 
-def trainer_arguments(output_dir: str, *, seed: int, device: str, quiet: bool, overrides: dict | None):
+@torch.no_grad()
+def router_features(model, pixels: Sequence[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+    """The features router's inputs for every task's images, from a routed merged model."""
+    model.eval()
+    return [
+        torch.cat(
+            [model.router_features(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        )
+        for x in pixels
+    ]
+
+
+def trainer_arguments(
+    output_dir: str,
+    *,
+    seed: int,
+    device: str,
+    quiet: bool,
+    overrides: dict | None,
+    defaults: dict | None = None,
+):
     """``TrainingArguments`` for the gate: defaults above, ``overrides`` from the config on top.
 
     Unknown keys raise ``ValueError`` naming them (checked against the dataclass fields).
@@ -78,6 +118,7 @@ def trainer_arguments(output_dir: str, *, seed: int, device: str, quiet: bool, o
         )
     kwargs = {
         **DEFAULT_TRAINER_ARGS,
+        **(defaults or {}),
         "seed": seed,
         "data_seed": seed,
         "use_cpu": not str(device).startswith("cuda"),
@@ -111,6 +152,8 @@ def train_gate(
     pixels: Sequence[torch.Tensor],
     task_names: Sequence[str],
     *,
+    kind: str = "cnn",
+    hidden: int = 256,
     channels: Sequence[int] = (16, 32, 64),
     pool_size: int = 4,
     validation_fraction: float = 0.1,
@@ -119,7 +162,9 @@ def train_gate(
     device: str = "cpu",
     quiet: bool = False,
 ) -> tuple[TaskGate, dict]:
-    """Train a task gate on preprocessed images, one tensor ``[N_k, C, H, W]`` per task.
+    """Train a task router: ``kind="cnn"`` on preprocessed images (one ``[N_k, C, H, W]`` tensor
+    per task), ``kind="features"`` on backbone features (one ``[N_k, D]`` tensor per task, from
+    :func:`router_features`) through a head with ``hidden`` units.
 
     A seeded ``validation_fraction`` of each task is held back. Returns the gate (in eval mode,
     on CPU, its ``config.validation_accuracy`` set) and metrics: overall and per-task
@@ -136,16 +181,28 @@ def train_gate(
         raise ValueError(f"gate_validation_fraction must be in [0, 1), got {validation_fraction}")
     train_x, train_y, val_x, val_y = _split(list(pixels), validation_fraction, seed)
     torch.manual_seed(seed)
+    features = kind == "features"
     config = TaskGateConfig(
         task_names=list(task_names),
-        num_channels=int(train_x.shape[1]),
+        kind=kind,
+        num_channels=1 if features else int(train_x.shape[1]),
         channels=list(channels),
         pool_size=pool_size,
+        in_features=int(train_x.shape[1]) if features else 0,
+        hidden=hidden,
     )
     gate = TaskGate(config)
+    key = "features" if features else "pixel_values"
     with tempfile.TemporaryDirectory(prefix="hf_vitmerge_gate_") as tmp:
-        args = trainer_arguments(tmp, seed=seed, device=device, quiet=quiet, overrides=trainer)
-        runner = Trainer(model=gate, args=args, train_dataset=_TaskImages(train_x, train_y))
+        args = trainer_arguments(
+            tmp,
+            seed=seed,
+            device=device,
+            quiet=quiet,
+            overrides=trainer,
+            defaults=FEATURES_TRAINER_ARGS if features else None,
+        )
+        runner = Trainer(model=gate, args=args, train_dataset=_TaskImages(train_x, train_y, key))
         if quiet:
             runner.remove_callback(PrinterCallback)
         result = runner.train()
@@ -156,7 +213,7 @@ def train_gate(
             "gate_train_steps": int(result.global_step),
         }
         if len(val_y):
-            logits = runner.predict(_TaskImages(val_x, val_y)).predictions
+            logits = runner.predict(_TaskImages(val_x, val_y, key)).predictions
             pred = torch.as_tensor(logits).argmax(-1)
             correct = pred == val_y
             metrics["gate_validation_accuracy"] = round(float(correct.double().mean()), 4)
@@ -181,3 +238,157 @@ def load_gate(path: str | Path, task_names: Sequence[str]) -> TaskGate:
             f"tasks {list(task_names)} (same order needed). Train a new gate by removing `gate:`."
         )
     return gate.eval()
+
+
+def task_pixels(ctx, samples_per_task: int, method: str) -> list[torch.Tensor]:
+    """Every task's training images (``data:`` of each model entry), preprocessed for the router."""
+    from .data import load_task_data
+
+    processor = ctx.sources[0].image_processor()
+    data = []
+    for i, entry in enumerate(ctx.config.models):
+        if entry.data is None:
+            raise ValueError(
+                f"{method}: model {ctx.sources[i].ref!r} has no `data:` entry; the router needs each task's "
+                "training images (or pass a trained router with `gate: folder`)"
+            )
+        if entry.data.split is not None and entry.data.split == entry.data.test_split:
+            raise ValueError(
+                f"{method}: model {ctx.sources[i].ref!r}: `split` and `test_split` are both "
+                f"{entry.data.split!r}; the router must not be trained on evaluation data"
+            )
+        task = load_task_data(
+            entry.data.path,
+            entry.data.split,
+            image_column=entry.data.image_column,
+            revision=entry.data.revision,
+        )
+        data.append(task.subset(samples_per_task, seed=ctx.seed))
+    return gate_pixels(data, processor, ctx.config.calibration.batch_size)
+
+
+_GATE_FIELDS = ("task_names", "kind", "num_channels", "channels", "pool_size", "in_features", "hidden")
+
+
+def router_config(
+    ctx, *, kind: str, gate: str | None, channels: Sequence[int] | None, hidden: int | None, method: str
+) -> dict:
+    """The ``gate_config`` of a routed model: from a saved router, or for a router about to be trained."""
+    from .modeling.gated import GATE_KINDS
+
+    if gate is not None:
+        c = load_gate(gate, ctx.task_names).config
+        return {f: getattr(c, f) for f in _GATE_FIELDS}
+    if kind not in GATE_KINDS:
+        raise ValueError(f"{method}: `gate_kind` must be one of {GATE_KINDS}, got {kind!r}")
+    return {
+        "task_names": list(ctx.task_names),
+        "kind": kind,
+        "num_channels": ctx.adapter.spec.num_channels,
+        "channels": list(channels or (16, 32, 64)),
+        "in_features": 2 * ctx.adapter.spec.hidden_size if kind == "features" else 0,
+        "hidden": int(hidden or ctx.adapter.spec.hidden_size),
+    }
+
+
+def fit_router(
+    ctx,
+    model,
+    *,
+    gate: str | None,
+    samples_per_task: int,
+    validation_fraction: float,
+    trainer: dict | None,
+    method: str,
+) -> dict:
+    """Put a router into a routed merged ``model``: load ``gate`` or train one on the tasks'
+    training images (a features router reads ``model``'s own equally weighted backbone).
+    Returns the facts for the card (validation accuracy, sample counts, loss)."""
+    if trainer is not None and not isinstance(trainer, dict):
+        raise TypeError(f"{method}: `trainer` must be a mapping of TrainingArguments fields, got {trainer!r}")
+    cfg = model.gate.config
+    if gate is not None:
+        trained = load_gate(gate, ctx.task_names)
+        info = {"gate": str(gate), "gate_validation_accuracy": trained.config.validation_accuracy}
+    else:
+        pixels = task_pixels(ctx, samples_per_task, method)
+        inputs = router_features(model, pixels) if cfg.kind == "features" else pixels
+        trained, info = train_gate(
+            inputs,
+            ctx.task_names,
+            kind=cfg.kind,
+            hidden=cfg.hidden,
+            channels=cfg.channels,
+            validation_fraction=validation_fraction,
+            trainer=trainer,
+            seed=ctx.seed,
+            device=ctx.device,
+            quiet=ctx.quiet,
+        )
+    model.gate.load_state_dict(trained.state_dict())
+    model.gate.config.validation_accuracy = trained.config.validation_accuracy
+    model.config.gate_config["validation_accuracy"] = trained.config.validation_accuracy
+    info["gate_kind"] = cfg.kind
+    return info
+
+
+@torch.inference_mode()
+def true_task_accuracy(model, suite, processor, *, batch_size: int = 64) -> dict:
+    """The routing ceiling: a routed model's accuracy when the true task is given (``task=``).
+
+    Per task, predictions within the task's own labels; ``normalized_accuracy`` divides by the
+    suite's individual accuracies.
+    """
+    from .data import load_task_data
+    from .evaluation import individual_accuracies, label_positions
+
+    labels = [str(model.config.id2label[i]) for i in range(len(model.config.id2label))]
+    per_task = {}
+    for ti, task in enumerate(suite.tasks):
+        data = load_task_data(
+            task.test,
+            image_column=task.image_column,
+            label_column=task.label_column,
+            num_labels=len(task.labels),
+            require_labels=True,
+        )
+        pos = torch.tensor(label_positions(labels, task))
+        hits = []
+        for pixels, y in data.batches(processor, batch_size, with_labels=True):
+            logits = model(pixel_values=pixels, task=ti).logits[:, pos]
+            hits.append(logits.argmax(-1) == y)
+        per_task[task.name] = float(torch.cat(hits).double().mean())
+    individual = individual_accuracies(suite, batch_size=batch_size)
+    normalized = sum(per_task[t] / individual[t] for t in per_task) / len(per_task)
+    return {"per_task_accuracy": per_task, "normalized_accuracy": normalized}
+
+
+def task_identifiability(
+    suite, *, samples_per_task: int = 600, epochs: int = 15, seed: int = 0, quiet: bool = True
+) -> dict:
+    """How visible the task is in the image: a CNN router trained on ``samples_per_task`` training
+    images of every task (20 % held back) to tell the task; its held-out accuracy, overall and
+    per task."""
+    from transformers import AutoImageProcessor
+
+    from .data import load_task_data
+
+    processor = AutoImageProcessor.from_pretrained(suite.tasks[0].model)
+    data = [
+        load_task_data(t.train, image_column=t.image_column).subset(samples_per_task, seed=seed)
+        for t in suite.tasks
+    ]
+    _, metrics = train_gate(
+        gate_pixels(data, processor),
+        suite.task_names,
+        kind="cnn",
+        validation_fraction=0.2,
+        trainer={"num_train_epochs": epochs},
+        seed=seed,
+        quiet=quiet,
+    )
+    return {
+        "identifiability": metrics["gate_validation_accuracy"],
+        "per_task": metrics["gate_validation_accuracy_per_task"],
+        "samples": metrics["gate_train_samples"] + metrics["gate_validation_samples"],
+    }

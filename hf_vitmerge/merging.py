@@ -134,7 +134,7 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
     else:
         spec = get_method(config.method)
         params = spec.validate_params(config.parameters)
-        if auto_names(params):
+        if auto_names(params, spec):
             params, auto = resolve_auto(ctx, spec, params, lambda p: _build(ctx, spec, p))
             ctx.config = config = config.model_copy(
                 update={"parameters": {**config.parameters, **auto["chosen"]}}

@@ -1,5 +1,5 @@
-"""Gated merging: similarity ranking, dynamic layers, gate training, per-sample inference,
-save/load and trust_remote_code loading."""
+"""Gated merging: similarity ranking, dynamic layers, router training (features and CNN kinds),
+grouped inference, Trainer compatibility, save/load and trust_remote_code loading."""
 
 from __future__ import annotations
 
@@ -210,20 +210,45 @@ def _granularity(model, granularity: str):
         model.config.granularity = before
 
 
-@pytest.mark.parametrize("granularity", ["sample", "hard"])
-def test_mixed_batch_equals_one_task_at_a_time(gated_model, zoo, granularity):
+def test_mixed_batch_grouping_equals_per_image_routing(gated_model, zoo):
+    """Hard routing groups a mixed batch by predicted task: the same logits as one image at a time."""
+    assert gated_model.config.granularity == "hard"
     pixels, tasks = _pixels(zoo)
     perm = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(0))
     pixels, tasks = pixels[perm], tasks[perm]
-    with torch.no_grad(), _granularity(gated_model, granularity):
+    calls = []
+    hook = gated_model.vit.layernorm.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
         mixed = gated_model(pixel_values=pixels)
-        assert (mixed.predicted_task == tasks).all()
-        for t in range(2):
-            alone = gated_model(pixel_values=pixels[tasks == t])
-            torch.testing.assert_close(mixed.logits[tasks == t], alone.logits, atol=1e-5, rtol=0)
-            for i in torch.nonzero(tasks == t).flatten()[:2]:
-                one = gated_model(pixel_values=pixels[i : i + 1])
-                torch.testing.assert_close(mixed.logits[i : i + 1], one.logits, atol=1e-5, rtol=0)
+    hook.remove()
+    # the router's pass plus one pass per predicted task, not one per image
+    assert len(calls) == 1 + mixed.predicted_task.unique().numel() <= 3
+    assert (mixed.predicted_task == tasks).all()
+    with torch.no_grad():
+        for i in range(len(tasks)):
+            one = gated_model(pixel_values=pixels[i : i + 1])
+            torch.testing.assert_close(mixed.logits[i : i + 1], one.logits, atol=1e-5, rtol=0)
+
+
+def test_topk_routing_mixes_the_top_tasks_per_group(gated_model, zoo):
+    pixels, _ = _pixels(zoo)
+    gated_model.config.granularity = "topk"
+    try:
+        with torch.no_grad():
+            probs = torch.softmax(gated_model.route(pixels).float(), -1)
+            predicted, weights, inverse = gated_model._groups(probs)
+            out = gated_model(pixel_values=pixels)
+    finally:
+        gated_model.config.granularity = "hard"
+    # two tasks, top-2: one group for the whole batch, mixing with the batch's mean probabilities
+    assert weights.shape == (1, 2) and (inverse == 0).all()
+    torch.testing.assert_close(weights[0], probs.mean(0) / probs.mean(0).sum())
+    assert torch.equal(out.predicted_task, predicted)
+    with torch.no_grad():
+        states = __import__("hf_vitmerge.modeling.gated", fromlist=["run_backbone"]).run_backbone(
+            gated_model.vit, pixels, gated_model.task_params(weights[0])
+        )
+    torch.testing.assert_close(out.task_logits[0], gated_model.heads[0](states[:, 0]))
 
 
 def test_batch_granularity_mixes_a_mixed_batch(gated_model, zoo):
@@ -339,3 +364,85 @@ def test_gated_folder_works_in_pipeline(zoo, tmp_path):
     classifier = pipeline("image-classification", model=str(folder), trust_remote_code=True)
     preds = classifier(Image.new("RGB", (16, 16), (200, 30, 30)), top_k=model.config.num_labels)
     assert {p["label"] for p in preds} == set(model.config.id2label.values())
+
+
+def test_cnn_router_stays_an_option(zoo):
+    model = merge(_config(zoo, m=1, gate_kind="cnn"), quiet=True)
+    assert model.gate.config.kind == "cnn" and model.merge_info["gate_kind"] == "cnn"
+    assert model.merge_info["gate_validation_accuracy"] == 1.0
+    pixels, tasks = _pixels(zoo)
+    with torch.no_grad():
+        assert (model(pixel_values=pixels).predicted_task == tasks).all()
+
+
+def test_no_base_falls_back_to_a_base_free_static_method(zoo):
+    config = _config(zoo, m=1)
+    del config["base_model"]
+    model = merge(config, quiet=True)
+    assert model.merge_info["static_method"] == "average"
+    assert "No base model" in model.merge_info["static_note"]
+
+
+@pytest.mark.slow
+def test_trainer_trains_only_the_router(zoo):
+    """The gated model is Trainer-compatible: with the backbone and heads frozen, Trainer fits the
+    router inside the merged model (task ids as ``task_labels``) and the loss falls."""
+    from transformers import Trainer, TrainingArguments
+
+    model = merge(_config(zoo, m=1), quiet=True)
+    torch.manual_seed(0)
+    model.gate.post_init()  # forget the trained router
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("gate."))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gate.")}
+    pixels, tasks = _pixels(zoo, per_task=16)
+    labels = torch.zeros_like(tasks)  # label 0 of each task ("a" / "x")
+    labels[tasks == 1] = 3
+    with torch.no_grad():
+        assert model(pixel_values=pixels, labels=labels).loss.ndim == 0  # a classification loss
+    rows = [{"pixel_values": x, "task_labels": t} for x, t in zip(pixels, tasks, strict=True)]
+
+    def loss_on_all() -> float:
+        with torch.no_grad():
+            return float(model(pixel_values=pixels, task_labels=tasks).loss)
+
+    before = loss_on_all()
+    model.train()
+    args = TrainingArguments(
+        output_dir=str(zoo["root"] / "trainer"),
+        num_train_epochs=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    model.eval()
+    after = loss_on_all()
+    assert after < 0.5 * before
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_card_records_router_accuracy_storage_and_static_fallback(zoo, tmp_path):
+    config = _config(zoo, m=1)
+    del config["base_model"]
+    merge(config, out_dir=tmp_path / "gated", quiet=True)
+    text = (tmp_path / "gated" / "README.md").read_text()
+    for fact in ("gate_validation_accuracy", "storage_ratio", "No base model", "average"):
+        assert fact in text, fact
+
+
+def test_joint_rule_keeps_ruled_out_blocks_out():
+    """A routed model's logits are -inf outside the predicted task: the joint rule must not turn
+    those blocks into NaN (which argmax would pick)."""
+    from hf_vitmerge.evaluation import joint_predictions
+
+    inf = float("-inf")
+    blocks = [torch.tensor([[inf, inf], [-0.1, -2.5]]), torch.tensor([[-3.0, -0.05, -4.0], [inf, inf, inf]])]
+    assert joint_predictions(blocks).tolist() == [3, 0]

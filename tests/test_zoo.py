@@ -114,7 +114,7 @@ def test_shape_colour_labels_match_pixels():
     images, labels = shapes.draw_samples(task, 60, 24, np.random.default_rng(3))
     palette = np.array(list(shapes.PALETTE.values()), dtype=float)
     for im, label in zip(images, labels, strict=True):
-        px = np.asarray(im).reshape(-1, 3).astype(float)
+        px = np.asarray(im)[2:-2, 2:-2].reshape(-1, 3).astype(float)  # inside the task's 2-pixel frame
         saturated = px[px.max(1) - px.min(1) > 60]  # the shape; the background is gray
         nearest = np.argmin(((saturated.mean(0) - palette) ** 2).sum(1))
         assert nearest == label

@@ -2,9 +2,11 @@
 arXiv 2312.16240, https://arxiv.org/abs/2312.16240; journal version "Dynamic Model Merging with
 Mixture of Weights", code github.com/harveyhuang18/Mixture_of_Weights).
 
-A gate (a small CNN, :mod:`hf_vitmerge.gate`) predicts each image's task. *Dynamic* tensors
-are merged per image as ``sum_k p_k W_k`` with the gate's probabilities ``p``; all other
-tensors come from a static merge; the predicted task's own classifier is used. Dynamic are:
+A router (:mod:`hf_vitmerge.gate`; by default a small head on the merged ViT's own features,
+or a small CNN) predicts each image's task. *Dynamic* tensors are merged per group of
+identically routed images as ``sum_k w_k W_k`` (``w``: the one-hot predicted task by default);
+all other tensors come from a static merge; the predicted task's own classifier is used.
+Dynamic are:
 the embeddings, every LayerNorm, and the ``m`` least-similar attention blocks and ``m``
 least-similar MLP blocks, ranked by the mean pairwise cosine similarity of the blocks'
 flattened weights across the K models.
@@ -13,10 +15,14 @@ Deviations from the released code, each an option where it matters:
 
 * the patch projection is dynamic by default (the released code keeps ``conv1`` static):
   ``dynamic_patch_embedding``; the final LayerNorm is dynamic too ("every LayerNorm");
-* inference merges per image (``granularity: sample``) so that batches mixing tasks are
-  correct; ``batch`` is the released per-batch mean, ``hard`` the argmax one-hot;
-* the static part is any registered method (the released code uses AdaMerging++);
-* the gate: see :mod:`hf_vitmerge.gate` (CE on logits, train splits only, own small CNN).
+* inference groups each batch by routing (``granularity: hard``, the default, or ``topk``), so
+  batches mixing tasks are correct and never cost one forward per image; ``batch`` is the
+  released per-batch mean;
+* the static part is any registered method (the released code uses AdaMerging++); ``auto``
+  takes task arithmetic when there is a base model and plain averaging when there is none
+  (independently initialised inputs);
+* the router: see :mod:`hf_vitmerge.gate` (features of the merged backbone, CE on logits,
+  train splits only).
 """
 
 from __future__ import annotations
@@ -100,8 +106,17 @@ def resolve_m(m, num_layers: int) -> int:
     return m
 
 
+def resolve_static_method(ctx, method: str) -> str:
+    """``auto``: task arithmetic when a base model is given, averaging (which needs none) otherwise."""
+    if method != "auto":
+        return method
+    return "task_arithmetic" if ctx.base is not None else "average"
+
+
 def static_backbone(ctx, method: str, parameters: dict | None, keys: list[str]) -> dict[str, torch.Tensor]:
     """The static tensors ``keys`` from any registered merge method."""
+    if not keys:
+        return {}
     spec = get_method(method)
     if spec.name == "gated":
         raise ValueError("gated: `static_method` cannot be 'gated'")
@@ -120,33 +135,41 @@ def static_backbone(ctx, method: str, parameters: dict | None, keys: list[str]) 
 def gated(
     ctx,
     *,
-    m: int | str | None = None,
-    granularity: str = "sample",
+    m: int | str | None = "all",
+    granularity: str = "hard",
+    top_k: int = 2,
     similarity_on: str = "weights",
     dynamic_patch_embedding: bool = True,
-    static_method: str = "task_arithmetic",
+    static_method: str = "auto",
     static_parameters: dict | None = None,
     gate: str | None = None,
+    gate_kind: str = "features",
+    router_layers: int | None = None,
+    gate_hidden: int | None = None,
     gate_samples_per_task: int = 512,
     gate_validation_fraction: float = 0.1,
     gate_channels: list | None = None,
     trainer: dict | None = None,
 ):
-    """Gated merging: a task gate mixes dynamic layers per image; the rest is merged statically.
+    """Gated merging: a task router picks which task's dynamic layers run each image; the rest is merged statically.
 
-    ``m``: number of attention blocks and of MLP blocks made dynamic (0..num_layers or "all";
-    default: the released 5 of 12, scaled to the depth). ``granularity``: sample | hard | batch.
-    ``similarity_on``: weights (paper) | task_vectors. ``dynamic_patch_embedding``: the patch
-    projection is dynamic (the released code keeps it static). ``static_method`` /
-    ``static_parameters``: any registered method for the static tensors. ``gate``: folder of a
-    trained gate to reuse; otherwise one is trained on ``gate_samples_per_task`` train images per
-    task, ``gate_validation_fraction`` of them held back, with a CNN of ``gate_channels``
-    (default [16, 32, 64]) and ``trainer`` overrides for ``transformers.TrainingArguments``.
+    ``m``: number of attention blocks and of MLP blocks made dynamic (0..num_layers or "all",
+    the default; ``null``: the released 5 of 12, scaled to the depth). ``granularity``: hard
+    (group a batch by predicted task) | topk (group by the ``top_k`` most likely tasks, mix
+    their weights) | batch (the released per-batch mean). ``similarity_on``: weights (paper) |
+    task_vectors. ``dynamic_patch_embedding``: the patch projection is dynamic (the released
+    code keeps it static). ``static_method`` / ``static_parameters``: any registered method
+    for the static tensors; ``auto``: task_arithmetic with a base model, average without.
+    ``gate``: folder of a trained router to reuse; otherwise one is trained with
+    ``transformers.Trainer`` on ``gate_samples_per_task`` train images per task,
+    ``gate_validation_fraction`` of them held back. ``gate_kind``: features (a head with
+    ``gate_hidden`` units (default: the ViT's width) on the CLS and mean patch token of the equally weighted merged ViT
+    after ``router_layers`` blocks; null: a quarter of them, at least one) | cnn (a CNN of ``gate_channels``).
+    ``trainer``: overrides for ``transformers.TrainingArguments``.
     """
     import time
 
-    from ..data import load_task_data
-    from ..gate import gate_pixels, load_gate, train_gate
+    from ..gate import fit_router, router_config
     from ..modeling.gated import GRANULARITIES, GatedMergedViTForImageClassification, GatedViTConfig
 
     adapter = ctx.adapter
@@ -159,66 +182,22 @@ def gated(
         raise ValueError(f"gated: `similarity_on` must be one of {SIMILARITY_ON}, got {similarity_on!r}")
     if num_tasks < 2:
         raise ValueError("gated: needs at least two models")
-    if trainer is not None and not isinstance(trainer, dict):
-        raise TypeError(f"gated: `trainer` must be a mapping of TrainingArguments fields, got {trainer!r}")
+    check_router_layers(router_layers, num_layers, "gated")
+    router_layers = default_router_layers(router_layers, num_layers)
 
     start = time.perf_counter()
     sims = block_similarities(ctx, similarity_on)
     blocks = {kind: least_similar(sims[kind], m) for kind in BLOCK_KINDS}
     dyn = dynamic_keys(adapter, blocks, patch_embedding=dynamic_patch_embedding)
     static_keys = [k for k in adapter.backbone_keys if k not in set(dyn)]
-    static = static_backbone(ctx, static_method, static_parameters, static_keys)
+    static_name = resolve_static_method(ctx, static_method)
+    static = static_backbone(ctx, static_name, static_parameters, static_keys)
 
     readers = [s.tensors() for s in ctx.sources]
     stacks = {k: torch.stack([r.get(k).to(torch.float32) for r in readers]) for k in dyn}
     for r in readers:
         r.close()
     heads = read_heads(ctx.sources)
-
-    stats_start = time.perf_counter()
-    stats_before = ctx.timings.get("stats_seconds", 0.0)
-    info: dict = {
-        "training_note": "Only the task gate was trained (on unlabeled training images, task id as label); "
-        "the ViT weights were combined directly."
-    }
-    if gate is not None:
-        gate_model = load_gate(gate, ctx.task_names)
-        info["gate"] = str(gate)
-        info["gate_validation_accuracy"] = gate_model.config.validation_accuracy
-    else:
-        processor = ctx.sources[0].image_processor()
-        data = []
-        for i, entry in enumerate(ctx.config.models):
-            if entry.data is None:
-                raise ValueError(
-                    f"gated: model {ctx.sources[i].ref!r} has no `data:` entry; the gate needs each task's "
-                    "training images (or pass a trained gate with `gate: folder`)"
-                )
-            if entry.data.split is not None and entry.data.split == entry.data.test_split:
-                raise ValueError(
-                    f"gated: model {ctx.sources[i].ref!r}: `split` and `test_split` are both "
-                    f"{entry.data.split!r}; the gate must not be trained on evaluation data"
-                )
-            task = load_task_data(
-                entry.data.path,
-                entry.data.split,
-                image_column=entry.data.image_column,
-                revision=entry.data.revision,
-            )
-            data.append(task.subset(gate_samples_per_task, seed=ctx.seed))
-        pixels = gate_pixels(data, processor, ctx.config.calibration.batch_size)
-        gate_model, gate_info = train_gate(
-            pixels,
-            ctx.task_names,
-            channels=gate_channels or (16, 32, 64),
-            validation_fraction=gate_validation_fraction,
-            trainer=trainer,
-            seed=ctx.seed,
-            device=ctx.device,
-            quiet=ctx.quiet,
-        )
-        info.update(gate_info)
-    ctx.timings["stats_seconds"] = round(stats_before + time.perf_counter() - stats_start, 3)
 
     shared = all(labels == ctx.label_lists[0] for labels in ctx.label_lists)
     labels = ctx.label_lists[0] if shared else union_labels(ctx.task_names, ctx.label_lists)
@@ -231,14 +210,12 @@ def gated(
         task_num_labels=[len(x) for x in ctx.label_lists],
         dynamic_keys=dyn,
         granularity=granularity,
+        routing_top_k=top_k,
+        router_layers=router_layers,
         shared_labels=shared,
-        gate_config={
-            "task_names": list(gate_model.config.task_names),
-            "num_channels": gate_model.config.num_channels,
-            "channels": list(gate_model.config.channels),
-            "pool_size": gate_model.config.pool_size,
-            "validation_accuracy": gate_model.config.validation_accuracy,
-        },
+        gate_config=router_config(
+            ctx, kind=gate_kind, gate=gate, channels=gate_channels, hidden=gate_hidden, method="gated"
+        ),
     )
     model = GatedMergedViTForImageClassification(config)
     ViTAdapter.from_model(model).load_state_dict(model, static, strict=False)
@@ -248,28 +225,79 @@ def gated(
         for lin, (w, b) in zip(model.heads, heads, strict=True):
             lin.weight.copy_(w)
             lin.bias.copy_(b)
-        model.gate.load_state_dict(gate_model.state_dict())
     model.eval()
 
-    separate = sum(math.prod(p.shape) for s in ctx.sources for p in s.adapter.params)
-    total = sum(p.numel() for p in model.parameters())
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    stats_start = time.perf_counter()
+    stats_before = ctx.timings.get("stats_seconds", 0.0)
+    info: dict = {
+        "training_note": "Only the task router was trained (on unlabeled training images, task id as label); "
+        "the ViT weights were combined directly."
+    }
+    if static_keys and ctx.base is None:
+        info["static_note"] = (
+            f"No base model: the static tensors were merged with {static_name!r}, which needs none."
+        )
+    info.update(
+        fit_router(
+            ctx,
+            model,
+            gate=gate,
+            samples_per_task=gate_samples_per_task,
+            validation_fraction=gate_validation_fraction,
+            trainer=trainer,
+            method="gated",
+        )
+    )
+    ctx.timings["stats_seconds"] = round(stats_before + time.perf_counter() - stats_start, 3)
+    model.eval()
+
     info.update(
         {
             "m": m,
             "granularity": granularity,
-            "static_method": static_method,
+            "static_method": static_name if static_keys else "none (every backbone tensor is dynamic)",
             "similarity_on": similarity_on,
+            "router_layers": router_layers,
             "dynamic_blocks": blocks,
             "block_similarity": {
                 k: {str(layer): round(v, 6) for layer, v in s.items()} for k, s in sims.items()
             },
             "num_dynamic_tensors": len(dyn),
-            "num_parameters": total,
-            "storage_bytes": nbytes,
-            "separate_models_parameters": separate,
-            "storage_ratio": round(total / separate, 4),
+            **storage_facts(ctx, model),
             "merge_seconds": round(time.perf_counter() - start - ctx.timings["stats_seconds"], 3),
         }
     )
     return MergeResult(model=model, info=info)
+
+
+def default_router_layers(router_layers, num_layers: int) -> int:
+    """``null``: a quarter of the blocks (at least one). On shapes-tasks (tiny) one of three blocks
+    routed as well as all three at twice the throughput (BENCHMARKS.md, issue 13)."""
+    return max(1, num_layers // 4) if router_layers is None else router_layers
+
+
+def check_router_layers(router_layers, num_layers: int, method: str) -> None:
+    if router_layers is None:
+        return
+    if (
+        isinstance(router_layers, bool)
+        or not isinstance(router_layers, int)
+        or not 0 <= router_layers <= num_layers
+    ):
+        raise ValueError(
+            f"{method}: `router_layers` must be null or an integer in 0..{num_layers}, got {router_layers!r}"
+        )
+
+
+def storage_facts(ctx, model) -> dict:
+    """Parameters and bytes of a routed model against K separate models (ratio of bytes)."""
+    separate = sum(math.prod(p.shape) for s in ctx.sources for p in s.adapter.params)
+    total = sum(p.numel() for p in model.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    separate_bytes = 4 * separate
+    return {
+        "num_parameters": total,
+        "storage_bytes": nbytes,
+        "separate_models_parameters": separate,
+        "storage_ratio": round(nbytes / separate_bytes, 4),
+    }

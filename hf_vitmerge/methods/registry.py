@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _LOADED = False
@@ -130,10 +130,12 @@ class MethodSpec:
             raise ValueError(
                 f"unknown parameter(s) {unknown} for method {self.name!r}; valid parameters: {valid}"
             )
+        floats = set(self.float_parameters())
         autos = {k for k, v in params.items() if isinstance(v, str) and v.strip().lower() == AUTO}
+        # a string parameter may list "auto" among its own choices (gated's static_method)
+        autos -= {k for k in autos if k not in floats and _admits_auto_string(self.schema.model_fields[k])}
         if autos and not allow_auto:
             raise ValueError(f"method {self.name!r}: parameter(s) {sorted(autos)} cannot be `auto` here")
-        floats = set(self.float_parameters())
         for key in sorted(autos - floats):
             raise ValueError(
                 f"parameter {key!r} of method {self.name!r} cannot be `auto`: only float parameters "
@@ -170,6 +172,15 @@ def _metadata(info) -> list:
     for arg in typing.get_args(info.annotation):
         out += list(getattr(arg, "__metadata__", ()))
     return out
+
+
+def _admits_auto_string(field) -> bool:
+    """Whether a non-float field accepts the string ``"auto"`` as an ordinary value."""
+    try:
+        TypeAdapter(field.annotation).validate_python(AUTO)
+    except ValidationError:
+        return False
+    return True
 
 
 def _admits_float(annotation) -> bool:

@@ -6,11 +6,14 @@ import contextlib
 
 from transformers import AutoConfig, AutoModelForImageClassification
 
+from .emr import EMRMergedViTForImageClassification, EMRViTConfig
 from .gated import GatedMergedViTForImageClassification, GatedViTConfig, TaskGate, TaskGateConfig
 from .multihead import ViTMultiHeadConfig, ViTMultiHeadForImageClassification
 from .partial_zip import ViTPartialZipConfig, ViTPartialZipForImageClassification
 
 __all__ = [
+    "EMRMergedViTForImageClassification",
+    "EMRViTConfig",
     "GatedMergedViTForImageClassification",
     "GatedViTConfig",
     "TaskGate",
@@ -25,6 +28,7 @@ __all__ = [
 _CUSTOM = [
     (ViTMultiHeadConfig, ViTMultiHeadForImageClassification),
     (GatedViTConfig, GatedMergedViTForImageClassification),
+    (EMRViTConfig, EMRMergedViTForImageClassification),
     (TaskGateConfig, TaskGate),
     (ViTPartialZipConfig, ViTPartialZipForImageClassification),
 ]

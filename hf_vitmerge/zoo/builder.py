@@ -42,6 +42,8 @@ from .train import (
 
 #: Bumped whenever a change to the zoo changes what a build produces (invalidates caches).
 ZOO_VERSION = "3"
+#: Per-suite versions, for changes that alter only one suite's builds (kept out of the others').
+SUITE_VERSIONS = {"shapes-tasks": "looks-1"}  # every shapes task drawn with its own frame
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,10 @@ def default_out(suite: str, size: str, seed: int) -> Path:
 
 def fingerprint(suite: str, size: str, seed: int) -> dict:
     """What identifies a build: equal fingerprints mean equal model files."""
-    return {"suite": suite, "size": size, "seed": int(seed), "zoo_version": ZOO_VERSION}
+    fp = {"suite": suite, "size": size, "seed": int(seed), "zoo_version": ZOO_VERSION}
+    if suite in SUITE_VERSIONS:
+        fp["suite_version"] = SUITE_VERSIONS[suite]
+    return fp
 
 
 def _existing_build(out: Path, fp: dict, overwrite: bool) -> Path | None:

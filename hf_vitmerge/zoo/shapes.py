@@ -1,8 +1,10 @@
 """Procedurally drawn RGB tasks (PIL.ImageDraw): each task has its own generator and label space.
 
 Images are drawn at 4x the model's image size and downsampled with a box filter (anti-aliasing).
-Every generator has its own style (background range, shape sizes, palette use), so the tasks'
-input distributions differ as well as their labels. All randomness comes from a
+Every generator has its own style (background range, shape sizes, palette use), and every task
+is drawn inside its own frame (:data:`LOOKS`: a colour and a solid or dashed stroke), as images
+of different real datasets differ in look: which task an image belongs to is visible in it, so
+a router can be right. All randomness comes from a
 ``numpy.random.Generator`` seeded per (suite seed, task, split).
 """
 
@@ -269,6 +271,35 @@ def _pointing(rng: np.random.Generator, size: int) -> tuple[Image.Image, int]:
     return _finish(c, size), label
 
 
+def _look_colour(k: int, n: int) -> tuple[int, int, int]:
+    """The ``k``-th of ``n`` evenly spaced, fully saturated hues."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb(k / n, 1.0, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+@dataclass(frozen=True)
+class Look:
+    """A task's frame: colour, and a solid or dashed stroke (dash length in pixels; 0 = solid)."""
+
+    colour: tuple[int, int, int]
+    dash: int = 0
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """``image`` with its outer ``max(1, size // 12)`` pixels replaced by the frame."""
+        size = image.size[0]
+        width = max(1, size // 12)
+        arr = np.asarray(image).copy()
+        ring = np.zeros(arr.shape[:2], dtype=bool)
+        ring[:width], ring[-width:], ring[:, :width], ring[:, -width:] = True, True, True, True
+        if self.dash:
+            yy, xx = np.indices(ring.shape)
+            ring &= ((yy + xx) // self.dash) % 2 == 0
+        arr[ring] = self.colour
+        return Image.fromarray(arr)
+
+
 @dataclass(frozen=True)
 class ShapeTask:
     """A drawn task: its name, label names, a generator and a one-line description."""
@@ -277,6 +308,7 @@ class ShapeTask:
     labels: tuple[str, ...]
     draw: Callable[[np.random.Generator, int], tuple[Image.Image, int]]
     description: str
+    look: Look | None = None
 
 
 SHAPE_TASKS: tuple[ShapeTask, ...] = (
@@ -317,6 +349,15 @@ SHAPE_TASKS: tuple[ShapeTask, ...] = (
     ShapeTask("aspect", ("wide", "tall", "square"), _aspect, "aspect ratio of one rectangle"),
     ShapeTask("pointing", ("up", "down", "left", "right"), _pointing, "direction a triangle points to"),
 )
+#: Each task's own frame: 12 hues 30 degrees apart, solid and dashed strokes alternating, so
+#: neighbouring hues also differ in stroke.
+LOOKS: tuple[Look, ...] = tuple(Look(_look_colour(k, 12), dash=2 * (k % 2)) for k in range(12))
+SHAPE_TASKS = tuple(
+    ShapeTask(
+        t.name, t.labels, t.draw, f"{t.description}; framed ({'dashed' if look.dash else 'solid'})", look
+    )
+    for t, look in zip(SHAPE_TASKS, LOOKS, strict=True)
+)
 
 
 def draw_samples(
@@ -324,7 +365,8 @@ def draw_samples(
 ) -> tuple[list, list[int]]:
     """``n`` images of ``task`` at ``image_size`` and their label indices."""
     pairs = [task.draw(rng, image_size) for _ in range(n)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    images = [task.look.apply(p[0]) if task.look else p[0] for p in pairs]
+    return images, [p[1] for p in pairs]
 
 
 def shape_tasks(image_size: int, n_train: int, n_test: int, seed: int) -> list[TaskData]:
