@@ -16,17 +16,7 @@ def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or informational logs")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .methods import available_methods
-
-    parser = argparse.ArgumentParser(
-        prog="hf-vitmerge",
-        description="Merge Hugging Face Vision Transformers fine-tuned for different tasks or domains.",
-        epilog=EPILOG,
-    )
-    parser.add_argument("--version", action="version", version=f"hf_vitmerge {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo_command(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="compare merge methods on the default suite, write the recommended merged model",
@@ -41,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing merged model in --out")
     _add_quiet(p)
 
+
+def _add_zoo_command(sub) -> None:
     zoo = sub.add_parser("zoo", help="the embedded benchmark suites").add_subparsers(
         dest="zoo_command", required=True
     )
@@ -57,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
     p.add_argument("--overwrite", action="store_true", help="rebuild over a different existing build")
     _add_quiet(p)
+
+
+def _add_merge_command(sub) -> None:
+    from .methods import available_methods
 
     p = sub.add_parser(
         "merge",
@@ -79,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quiet(p)
 
+
+def _add_evaluate_command(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="per-task, joint and normalized accuracy of a model on a suite",
@@ -98,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quiet(p)
 
+
+def _add_bench_command(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="run several methods on one suite",
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _add_quiet(p)
 
+
+def _add_inspect_command(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="mergeability diagnostics: per-layer similarity and distance metrics",
@@ -134,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--topk", type=float, default=0.2, help="fraction of largest entries kept by the truncated metric"
     )
     _add_quiet(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-vitmerge",
+        description="Merge Hugging Face Vision Transformers fine-tuned for different tasks or domains.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"hf_vitmerge {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo_command(sub)
+    _add_zoo_command(sub)
+    _add_merge_command(sub)
+    _add_evaluate_command(sub)
+    _add_bench_command(sub)
+    _add_inspect_command(sub)
     return parser
 
 
@@ -148,114 +166,148 @@ def _say(quiet: bool, *lines: str) -> None:
         print("\n".join(lines))
 
 
-def _run(args: argparse.Namespace) -> int:
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """`hf-vitmerge demo`."""
     import hf_vitmerge as hv
 
-    if args.command == "demo":
-        out = hv.demo(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
-        print(Path(out["results_md"]).read_text())
-        print(
-            f"suite:         {out['suite']}\nmerged model:  {out['model']}  "
-            f"({out['report']['recommended']['method']}; load with "
-            f"pipeline('image-classification', model=...))\nmodel card:    {out['model']}/README.md\n"
-            f"results:       {out['results_json']}\n               {out['results_md']}"
-        )
-        return 0
-    if args.command == "zoo":
-        from .zoo import build_suite, list_suites
+    out = hv.demo(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
+    print(Path(out["results_md"]).read_text())
+    print(
+        f"suite:         {out['suite']}\nmerged model:  {out['model']}  "
+        f"({out['report']['recommended']['method']}; load with "
+        f"pipeline('image-classification', model=...))\nmodel card:    {out['model']}/README.md\n"
+        f"results:       {out['results_json']}\n               {out['results_md']}"
+    )
+    return 0
 
-        if args.zoo_command == "list":
-            for s in list_suites():
-                print(f"{s['name']:<16} {s['init']:<12} {s['num_tasks']:>2} tasks  {s['description']}")
-            return 0
-        if args.out:
-            from .checks import check_writable
 
-            check_writable(args.out, "--out")
-        path = build_suite(
-            args.suite, args.out, size=args.size, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite
-        )
-        print(f"suite written: {path}")
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    """`hf-vitmerge zoo`."""
+    from .zoo import build_suite, list_suites
+
+    if args.zoo_command == "list":
+        for s in list_suites():
+            print(f"{s['name']:<16} {s['init']:<12} {s['num_tasks']:>2} tasks  {s['description']}")
         return 0
-    if args.command == "merge":
-        run = hv.run_merge(
-            args.config,
-            args.out,
-            overwrite=args.overwrite,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            device=args.device,
-            evaluation_suite=args.evaluate,
-            quiet=args.quiet,
-        )
-        if not run.main_process:
-            return 0
-        _say(args.quiet, f"merged model written to {run.path} (model card: {run.path}/README.md)")
-        if run.results:
-            print(
-                json.dumps(
-                    {
-                        k: run.results[k]
-                        for k in (
-                            "per_task_accuracy",
-                            "avg_task_accuracy",
-                            "normalized_accuracy",
-                            "joint_accuracy",
-                        )
-                    },
-                    indent=2,
-                )
-            )
-        if run.push_url:
-            print(f"pushed to {run.push_url}")
-        return 0
-    if args.command == "evaluate":
+    if args.out:
         from .checks import check_writable
-
-        if args.json:
-            check_writable(args.json, "--json")
-        res = hv.evaluate_model(
-            args.model,
-            args.suite,
-            batch_size=args.batch_size,
-            device=args.device,
-            quiet=args.quiet,
-            trust_remote_code=args.trust_remote_code,
-        )
-        res = {"model": args.model, "suite": args.suite, **res}
-        text = json.dumps(res, indent=2)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text)
-        print(text)
-        return 0
-    if args.command == "bench":
-        report = hv.bench(
-            args.suite,
-            args.methods,
-            json_path=args.json,
-            markdown_path=args.markdown,
-            heads=args.heads,
-            seed=args.seed,
-            seeds=args.seeds,
-            samples_per_task=args.samples_per_task,
-            device=args.device,
-            quiet=args.quiet,
-        )
-        from .api import results_markdown
-
-        print(results_markdown(report))
-        return 0
-    if args.command == "inspect":
-        from .checks import check_writable
-        from .diagnostics import inspect_models
 
         check_writable(args.out, "--out")
-        inspect_models(args.models, base=args.base, out_dir=args.out, topk=args.topk, quiet=args.quiet)
-        for name in ("metrics.json", "metrics.md", "heatmap.png"):
-            print(Path(args.out) / name)
+    path = build_suite(
+        args.suite, args.out, size=args.size, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite
+    )
+    print(f"suite written: {path}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    """`hf-vitmerge merge`."""
+    import hf_vitmerge as hv
+
+    run = hv.run_merge(
+        args.config,
+        args.out,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        device=args.device,
+        evaluation_suite=args.evaluate,
+        quiet=args.quiet,
+    )
+    if not run.main_process:
         return 0
-    raise AssertionError(args.command)
+    _say(args.quiet, f"merged model written to {run.path} (model card: {run.path}/README.md)")
+    if run.results:
+        print(
+            json.dumps(
+                {
+                    k: run.results[k]
+                    for k in (
+                        "per_task_accuracy",
+                        "avg_task_accuracy",
+                        "normalized_accuracy",
+                        "joint_accuracy",
+                    )
+                },
+                indent=2,
+            )
+        )
+    if run.push_url:
+        print(f"pushed to {run.push_url}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """`hf-vitmerge evaluate`."""
+    import hf_vitmerge as hv
+
+    from .checks import check_writable
+
+    if args.json:
+        check_writable(args.json, "--json")
+    res = hv.evaluate_model(
+        args.model,
+        args.suite,
+        batch_size=args.batch_size,
+        device=args.device,
+        quiet=args.quiet,
+        trust_remote_code=args.trust_remote_code,
+    )
+    res = {"model": args.model, "suite": args.suite, **res}
+    text = json.dumps(res, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """`hf-vitmerge bench`."""
+    import hf_vitmerge as hv
+
+    report = hv.bench(
+        args.suite,
+        args.methods,
+        json_path=args.json,
+        markdown_path=args.markdown,
+        heads=args.heads,
+        seed=args.seed,
+        seeds=args.seeds,
+        samples_per_task=args.samples_per_task,
+        device=args.device,
+        quiet=args.quiet,
+    )
+    from .api import results_markdown
+
+    print(results_markdown(report))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    """`hf-vitmerge inspect`."""
+    from .checks import check_writable
+    from .diagnostics import inspect_models
+
+    check_writable(args.out, "--out")
+    inspect_models(args.models, base=args.base, out_dir=args.out, topk=args.topk, quiet=args.quiet)
+    for name in ("metrics.json", "metrics.md", "heatmap.png"):
+        print(Path(args.out) / name)
+    return 0
+
+
+_COMMANDS = {
+    "demo": _cmd_demo,
+    "zoo": _cmd_zoo,
+    "merge": _cmd_merge,
+    "evaluate": _cmd_evaluate,
+    "bench": _cmd_bench,
+    "inspect": _cmd_inspect,
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    return _COMMANDS[args.command](args)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
