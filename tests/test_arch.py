@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import pytest
@@ -151,7 +152,8 @@ def test_a_transformers_4x_checkpoint_merges_and_saves_with_4x_keys(tmp_path):
     for key in a:
         torch.testing.assert_close(out[key], (a[key] + b[key]) / 2, msg=key)
     # the merge of a checkpoint with itself is the model transformers loads from that folder
-    same = merge([tmp_path / "a", tmp_path / "a"], "average", quiet=True)
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")  # the same model listed twice is refused
+    same = merge([tmp_path / "a", tmp_path / "a-copy"], "average", quiet=True)
     reference = ViTForImageClassification.from_pretrained(tmp_path / "a").eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
