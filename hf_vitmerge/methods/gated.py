@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import torch
 
@@ -131,6 +132,83 @@ def static_backbone(ctx, method: str, parameters: dict | None, keys: list[str]) 
     return {k: result.backbone[k] for k in keys}
 
 
+def _checked_options(num_tasks: int, num_layers: int, granularity, similarity_on, router_layers) -> int:
+    """Validate the routing options; the number of blocks the router reads."""
+    from ..modeling.gated import GRANULARITIES
+
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"gated: `granularity` must be one of {GRANULARITIES}, got {granularity!r}")
+    if similarity_on not in SIMILARITY_ON:
+        raise ValueError(f"gated: `similarity_on` must be one of {SIMILARITY_ON}, got {similarity_on!r}")
+    if num_tasks < 2:
+        raise ValueError("gated: needs at least two models")
+    check_router_layers(router_layers, num_layers, "gated")
+    return default_router_layers(router_layers, num_layers)
+
+
+def _build_model(ctx, dyn: list[str], static: dict, routing: dict, gate_config):
+    """The gated model: static merged tensors, every task's dynamic tensors stacked, all heads."""
+    from ..modeling.gated import GatedMergedViTForImageClassification, GatedViTConfig
+
+    readers = [s.tensors() for s in ctx.sources]
+    stacks = {k: torch.stack([r.get(k).to(torch.float32) for r in readers]) for k in dyn}
+    for r in readers:
+        r.close()
+    heads = read_heads(ctx.sources)
+
+    shared = all(labels == ctx.label_lists[0] for labels in ctx.label_lists)
+    labels = ctx.label_lists[0] if shared else union_labels(ctx.task_names, ctx.label_lists)
+    id2label = dict(enumerate(labels))
+    config = GatedViTConfig(
+        **merged_config_dict(ctx),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        task_names=ctx.task_names,
+        task_num_labels=[len(x) for x in ctx.label_lists],
+        dynamic_keys=dyn,
+        shared_labels=shared,
+        gate_config=gate_config,
+        **routing,
+    )
+    model = GatedMergedViTForImageClassification(config)
+    ViTAdapter.from_model(model).load_state_dict(model, static, strict=False)
+    with torch.no_grad():
+        for param, key in zip(model.dynamic, dyn, strict=True):
+            param.copy_(stacks[key])
+        for lin, (w, b) in zip(model.heads, heads, strict=True):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+    return model
+
+
+def _facts(ctx, model, sims, blocks, dyn, static_name, start) -> dict:
+    """What the card records about a gated merge: dynamic blocks, similarities, storage, time."""
+    return {
+        "static_method": static_name or "none (every backbone tensor is dynamic)",
+        "dynamic_blocks": blocks,
+        "block_similarity": {k: {str(layer): round(v, 6) for layer, v in s.items()} for k, s in sims.items()},
+        "num_dynamic_tensors": len(dyn),
+        **storage_facts(ctx, model),
+        "merge_seconds": round(time.perf_counter() - start - ctx.timings["stats_seconds"], 3),
+    }
+
+
+def _train_router(ctx, model, **router_options) -> dict:
+    """Fit the task router inside ``model`` (timed as statistics); the facts for the card."""
+    from ..gate import fit_router
+
+    stats_start = time.perf_counter()
+    stats_before = ctx.timings.get("stats_seconds", 0.0)
+    info: dict = {
+        "training_note": "Only the task router was trained (on unlabeled training images, task id as label); "
+        "the ViT weights were combined directly."
+    }
+    info.update(fit_router(ctx, model, method="gated", **router_options))
+    ctx.timings["stats_seconds"] = round(stats_before + time.perf_counter() - stats_start, 3)
+    model.eval()
+    return info
+
+
 @merge_method("gated", kind="model", needs_data=True, reference="https://arxiv.org/abs/2312.16240")
 def gated(
     ctx,
@@ -167,23 +245,13 @@ def gated(
     after ``router_layers`` blocks; null: a quarter of them, at least one) | cnn (a CNN of ``gate_channels``).
     ``trainer``: overrides for ``transformers.TrainingArguments``.
     """
-    import time
-
-    from ..gate import fit_router, router_config
-    from ..modeling.gated import GRANULARITIES, GatedMergedViTForImageClassification, GatedViTConfig
+    from ..gate import router_config
 
     adapter = ctx.adapter
     num_layers = adapter.spec.num_layers
     num_tasks = len(ctx.sources)
     m = resolve_m(m, num_layers)
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"gated: `granularity` must be one of {GRANULARITIES}, got {granularity!r}")
-    if similarity_on not in SIMILARITY_ON:
-        raise ValueError(f"gated: `similarity_on` must be one of {SIMILARITY_ON}, got {similarity_on!r}")
-    if num_tasks < 2:
-        raise ValueError("gated: needs at least two models")
-    check_router_layers(router_layers, num_layers, "gated")
-    router_layers = default_router_layers(router_layers, num_layers)
+    router_layers = _checked_options(num_tasks, num_layers, granularity, similarity_on, router_layers)
 
     start = time.perf_counter()
     sims = block_similarities(ctx, similarity_on)
@@ -193,79 +261,28 @@ def gated(
     static_name = resolve_static_method(ctx, static_method)
     static = static_backbone(ctx, static_name, static_parameters, static_keys)
 
-    readers = [s.tensors() for s in ctx.sources]
-    stacks = {k: torch.stack([r.get(k).to(torch.float32) for r in readers]) for k in dyn}
-    for r in readers:
-        r.close()
-    heads = read_heads(ctx.sources)
-
-    shared = all(labels == ctx.label_lists[0] for labels in ctx.label_lists)
-    labels = ctx.label_lists[0] if shared else union_labels(ctx.task_names, ctx.label_lists)
-    id2label = dict(enumerate(labels))
-    config = GatedViTConfig(
-        **merged_config_dict(ctx),
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        task_names=ctx.task_names,
-        task_num_labels=[len(x) for x in ctx.label_lists],
-        dynamic_keys=dyn,
-        granularity=granularity,
-        routing_top_k=top_k,
-        router_layers=router_layers,
-        shared_labels=shared,
-        gate_config=router_config(
+    model = _build_model(
+        ctx,
+        dyn,
+        static,
+        dict(granularity=granularity, routing_top_k=top_k, router_layers=router_layers),
+        router_config(
             ctx, kind=gate_kind, gate=gate, channels=gate_channels, hidden=gate_hidden, method="gated"
         ),
     )
-    model = GatedMergedViTForImageClassification(config)
-    ViTAdapter.from_model(model).load_state_dict(model, static, strict=False)
-    with torch.no_grad():
-        for param, key in zip(model.dynamic, dyn, strict=True):
-            param.copy_(stacks[key])
-        for lin, (w, b) in zip(model.heads, heads, strict=True):
-            lin.weight.copy_(w)
-            lin.bias.copy_(b)
     model.eval()
 
-    stats_start = time.perf_counter()
-    stats_before = ctx.timings.get("stats_seconds", 0.0)
-    info: dict = {
-        "training_note": "Only the task router was trained (on unlabeled training images, task id as label); "
-        "the ViT weights were combined directly."
-    }
+    router_options = dict(
+        samples_per_task=gate_samples_per_task, validation_fraction=gate_validation_fraction
+    )
+    info = _train_router(ctx, model, gate=gate, trainer=trainer, **router_options)
     if static_keys and ctx.base is None:
         info["static_note"] = (
             f"No base model: the static tensors were merged with {static_name!r}, which needs none."
         )
     info.update(
-        fit_router(
-            ctx,
-            model,
-            gate=gate,
-            samples_per_task=gate_samples_per_task,
-            validation_fraction=gate_validation_fraction,
-            trainer=trainer,
-            method="gated",
-        )
-    )
-    ctx.timings["stats_seconds"] = round(stats_before + time.perf_counter() - stats_start, 3)
-    model.eval()
-
-    info.update(
-        {
-            "m": m,
-            "granularity": granularity,
-            "static_method": static_name if static_keys else "none (every backbone tensor is dynamic)",
-            "similarity_on": similarity_on,
-            "router_layers": router_layers,
-            "dynamic_blocks": blocks,
-            "block_similarity": {
-                k: {str(layer): round(v, 6) for layer, v in s.items()} for k, s in sims.items()
-            },
-            "num_dynamic_tensors": len(dyn),
-            **storage_facts(ctx, model),
-            "merge_seconds": round(time.perf_counter() - start - ctx.timings["stats_seconds"], 3),
-        }
+        _facts(ctx, model, sims, blocks, dyn, static_name if static_keys else None, start)
+        | {"m": m, "granularity": granularity, "similarity_on": similarity_on, "router_layers": router_layers}
     )
     return MergeResult(model=model, info=info)
 
