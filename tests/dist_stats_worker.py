@@ -39,9 +39,10 @@ def main(argv: list[str]) -> None:
         models, [data], processors, points, batch_size=4, accelerator=accelerator, quiet=True
     )
     save_stats(stats, f"{out}/rank{rank}.safetensors")
-    if accelerator is None:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # Both launch paths end the process group before exit: a gloo group left alive at interpreter
+    # shutdown can abort the worker ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

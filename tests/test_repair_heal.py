@@ -124,7 +124,7 @@ def test_bench_spec_with_heal_becomes_the_config_heal_section(micro_suite):
 @pytest.mark.slow
 def test_heal_reduces_the_distillation_loss_and_never_reads_a_test_split(micro_suite, monkeypatch):
     import hf_vitmerge.data as data_mod
-    import hf_vitmerge.merging as merging_mod
+    import hf_vitmerge.methods.base as base_mod
 
     loaded = []
     real = data_mod.load_task_data
@@ -134,7 +134,7 @@ def test_heal_reduces_the_distillation_loss_and_never_reads_a_test_split(micro_s
         return real(path, split, **kwargs)
 
     monkeypatch.setattr(data_mod, "load_task_data", recording)
-    monkeypatch.setattr(merging_mod, "load_task_data", recording)
+    monkeypatch.setattr(base_mod, "load_task_data", recording)
     config = suite_config(
         micro_suite, "average", {"heal": {"steps": 15, "lr": 1e-3, "samples_per_task": 16, "batch_size": 8}}
     )
