@@ -52,6 +52,9 @@ class EMRMergedViTForImageClassification(RoutedViTBase):
     """Base ViT + unified task vector + K packed masks and rescalers + K heads + a task router."""
 
     config_class = EMRViTConfig
+    # Not "vit": every backbone weight lives in `base` / `unified`, so a checkpoint holds no `vit.`
+    # keys, and transformers 4 would take it for a headless base-model state dict and refuse it.
+    base_model_prefix = "emr"
 
     def __init__(self, config: EMRViTConfig):
         super().__init__(config)
