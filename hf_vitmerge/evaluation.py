@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_task_data
+from .data import TaskData, load_task_data
 from .errors import InputError
 from .suite import Suite, SuiteTask, load_suite
 
@@ -84,6 +84,17 @@ def _load(model_or_path, processor=None, trust_remote_code: bool = False):
     return model.eval(), processor
 
 
+def load_test_data(task: SuiteTask) -> TaskData:
+    """A suite task's test split with its labels (checked against the task's label count)."""
+    return load_task_data(
+        task.test,
+        image_column=task.image_column,
+        label_column=task.label_column,
+        num_labels=len(task.labels),
+        require_labels=True,
+    )
+
+
 @torch.inference_mode()
 def predict_logits(
     model,
@@ -99,13 +110,7 @@ def predict_logits(
 
     ``clock`` (a dict) accumulates ``seconds`` spent in the model's forward and ``images``.
     """
-    data = load_task_data(
-        task.test,
-        image_column=task.image_column,
-        label_column=task.label_column,
-        num_labels=len(task.labels),
-        require_labels=True,
-    )
+    data = load_test_data(task)
     model = model.to(device).eval()
     outs, labels = [], []
     for pixels, y in tqdm(
