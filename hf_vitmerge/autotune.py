@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .data import TaskData, load_task_data
+from .data import TaskData, load_entry_data
 from .evaluation import label_positions
 from .methods.registry import AUTO, MethodSpec
 
@@ -49,15 +49,7 @@ def validation_slice(ctx, index: int, samples: int = VALIDATION_SAMPLES) -> tupl
             f"`auto` parameters are chosen on each task's calibration data, but model "
             f"{ctx.sources[index].ref!r} has no `data:` entry in the config. Add one per model, or give a number."
         )
-    data = load_task_data(
-        entry.path,
-        entry.split,
-        image_column=entry.image_column,
-        label_column=entry.label_column,
-        revision=entry.revision,
-        num_labels=len(ctx.sources[index].labels),
-        require_labels=True,
-    )
+    data = load_entry_data(entry, num_labels=len(ctx.sources[index].labels), require_labels=True)
     n = len(data.dataset)
     size = min(samples, n)
     start = min(ctx.config.calibration.samples_per_task, n - size)

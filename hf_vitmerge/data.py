@@ -125,6 +125,20 @@ def load_task_data(
     return data
 
 
+def load_entry_data(entry, *, labels: bool = True, **kwargs) -> TaskData:
+    """:func:`load_task_data` on a merge config's ``data:`` entry: its path, split, image column,
+    revision and (unless ``labels`` is false, when the label column is left to detection) label
+    column. Other keywords go to :func:`load_task_data`."""
+    return load_task_data(
+        entry.path,
+        entry.split,
+        image_column=entry.image_column,
+        label_column=entry.label_column if labels else None,
+        revision=entry.revision,
+        **kwargs,
+    )
+
+
 def datasets_cache() -> Path:
     """Where hf_vitmerge lets ``datasets`` write its cache files (``$HF_VITMERGE_CACHE/datasets``)."""
     root = os.environ.get("HF_VITMERGE_CACHE") or Path.home() / ".cache" / "hf_vitmerge"

@@ -242,7 +242,7 @@ def load_gate(path: str | Path, task_names: Sequence[str]) -> TaskGate:
 
 def task_pixels(ctx, samples_per_task: int, method: str) -> list[torch.Tensor]:
     """Every task's training images (``data:`` of each model entry), preprocessed for the router."""
-    from .data import load_task_data
+    from .data import load_entry_data
 
     processor = ctx.sources[0].image_processor()
     data = []
@@ -257,12 +257,7 @@ def task_pixels(ctx, samples_per_task: int, method: str) -> list[torch.Tensor]:
                 f"{method}: model {ctx.sources[i].ref!r}: `split` and `test_split` are both "
                 f"{entry.data.split!r}; the router must not be trained on evaluation data"
             )
-        task = load_task_data(
-            entry.data.path,
-            entry.data.split,
-            image_column=entry.data.image_column,
-            revision=entry.data.revision,
-        )
+        task = load_entry_data(entry.data, labels=False)
         data.append(task.subset(samples_per_task, seed=ctx.seed))
     return gate_pixels(data, processor, ctx.config.calibration.batch_size)
 
@@ -339,19 +334,12 @@ def true_task_accuracy(model, suite, processor, *, batch_size: int = 64) -> dict
     Per task, predictions within the task's own labels; ``normalized_accuracy`` divides by the
     suite's individual accuracies.
     """
-    from .data import load_task_data
-    from .evaluation import individual_accuracies, label_positions
+    from .evaluation import individual_accuracies, label_positions, load_test_data
 
     labels = [str(model.config.id2label[i]) for i in range(len(model.config.id2label))]
     per_task = {}
     for ti, task in enumerate(suite.tasks):
-        data = load_task_data(
-            task.test,
-            image_column=task.image_column,
-            label_column=task.label_column,
-            num_labels=len(task.labels),
-            require_labels=True,
-        )
+        data = load_test_data(task)
         pos = torch.tensor(label_positions(labels, task))
         hits = []
         for pixels, y in data.batches(processor, batch_size, with_labels=True):

@@ -44,7 +44,7 @@ class _Distillation(torch.utils.data.Dataset):
 
 def heal_images(ctx, samples_per_task: int, processor) -> torch.Tensor:
     """``samples_per_task`` images of every task's calibration split, preprocessed (task order)."""
-    from .data import load_task_data
+    from .data import load_entry_data
 
     out = []
     for i, entry in enumerate(ctx.config.models):
@@ -52,13 +52,7 @@ def heal_images(ctx, samples_per_task: int, processor) -> torch.Tensor:
             raise ValueError(
                 f"heal needs images: model {ctx.sources[i].ref!r} has no `data:` entry in the config"
             )
-        data = load_task_data(
-            entry.data.path,
-            entry.data.split,
-            image_column=entry.data.image_column,
-            label_column=entry.data.label_column,
-            revision=entry.data.revision,
-        ).subset(samples_per_task, seed=ctx.seed)
+        data = load_entry_data(entry.data).subset(samples_per_task, seed=ctx.seed)
         out += list(data.batches(processor, 64))
     return torch.cat(out)
 
