@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -638,14 +639,11 @@ def collect_model_stats(
 
 
 def _defaults(kwargs: dict) -> dict:
+    """``kwargs`` over the keyword-only defaults of :func:`collect_joint_stats` (the one list)."""
     allowed = {
-        "batch_size": 32,
-        "device": "cpu",
-        "mixed_precision": "no",
-        "accelerator": None,
-        "cache_dir": None,
-        "cache_key": None,
-        "quiet": False,
+        name: p.default
+        for name, p in inspect.signature(collect_joint_stats).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
