@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from .base import MergeResult, merged_config_dict, read_heads, union_labels
-from .gated import check_router_layers, default_router_layers, storage_facts
+from .base import MergeResult, read_heads
+from .gated import check_router_layers, default_router_layers, routed_config, storage_facts, train_router
 from .registry import merge_method
 
 
@@ -82,22 +82,8 @@ def _emr_config(ctx, keys, granularity, top_k, router_layers, gate_config):
     """The EMR model's config: labels (shared or union), tasks, masked keys and routing."""
     from ..modeling.emr import EMRViTConfig
 
-    shared = all(labels == ctx.label_lists[0] for labels in ctx.label_lists)
-    labels = ctx.label_lists[0] if shared else union_labels(ctx.task_names, ctx.label_lists)
-    id2label = dict(enumerate(labels))
-    return EMRViTConfig(
-        **merged_config_dict(ctx),
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        task_names=ctx.task_names,
-        task_num_labels=[len(x) for x in ctx.label_lists],
-        masked_keys=keys,
-        granularity=granularity,
-        routing_top_k=top_k,
-        router_layers=router_layers,
-        shared_labels=shared,
-        gate_config=gate_config,
-    )
+    routing = dict(granularity=granularity, routing_top_k=top_k, router_layers=router_layers)
+    return routed_config(ctx, EMRViTConfig, gate_config, masked_keys=keys, **routing)
 
 
 def _checked_router_layers(ctx, granularity: str, router_layers: int | None) -> int:
@@ -135,7 +121,7 @@ def emr(
     those of ``gated`` (the router is trained the same way on each task's training images;
     ``gate: folder`` reuses one). Pass ``task=`` to the model's forward when the task is known.
     """
-    from ..gate import fit_router, router_config
+    from ..gate import router_config
     from ..modeling.emr import EMRMergedViTForImageClassification
 
     adapter = ctx.adapter
@@ -160,25 +146,16 @@ def emr(
     _fill(model, keys, base, unified, masks, rescalers, heads)
     model.eval()
 
-    stats_start = time.perf_counter()
-    stats_before = ctx.timings.get("stats_seconds", 0.0)
-    info: dict = {
-        "training_note": "Only the task router was trained (on unlabeled training images, task id as label); "
-        "the ViT weights were combined directly (elect, mask, rescale)."
-    }
-    info.update(
-        fit_router(
-            ctx,
-            model,
-            gate=gate,
-            samples_per_task=gate_samples_per_task,
-            validation_fraction=gate_validation_fraction,
-            trainer=trainer,
-            method="emr",
-        )
+    info = train_router(
+        ctx,
+        model,
+        method="emr",
+        combined=" (elect, mask, rescale)",
+        gate=gate,
+        samples_per_task=gate_samples_per_task,
+        validation_fraction=gate_validation_fraction,
+        trainer=trainer,
     )
-    ctx.timings["stats_seconds"] = round(stats_before + time.perf_counter() - stats_start, 3)
-    model.eval()
     kept = {
         name: round(float(torch.stack([masks[k][t].float().mean() for k in keys]).mean()), 4)
         for t, name in enumerate(ctx.task_names)

@@ -146,6 +146,24 @@ def _checked_options(num_tasks: int, num_layers: int, granularity, similarity_on
     return default_router_layers(router_layers, num_layers)
 
 
+def routed_config(ctx, config_cls, gate_config: dict, **layout):
+    """The config of a routed model (gated, EMR): labels (shared by the tasks or their union),
+    tasks and their label counts, the router's ``gate_config`` and the model's own ``layout``."""
+    shared = all(labels == ctx.label_lists[0] for labels in ctx.label_lists)
+    labels = ctx.label_lists[0] if shared else union_labels(ctx.task_names, ctx.label_lists)
+    id2label = dict(enumerate(labels))
+    return config_cls(
+        **merged_config_dict(ctx),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        task_names=ctx.task_names,
+        task_num_labels=[len(x) for x in ctx.label_lists],
+        shared_labels=shared,
+        gate_config=gate_config,
+        **layout,
+    )
+
+
 def _build_model(ctx, dyn: list[str], static: dict, routing: dict, gate_config):
     """The gated model: static merged tensors, every task's dynamic tensors stacked, all heads."""
     from ..modeling.gated import GatedMergedViTForImageClassification, GatedViTConfig
@@ -156,20 +174,7 @@ def _build_model(ctx, dyn: list[str], static: dict, routing: dict, gate_config):
         r.close()
     heads = read_heads(ctx.sources)
 
-    shared = all(labels == ctx.label_lists[0] for labels in ctx.label_lists)
-    labels = ctx.label_lists[0] if shared else union_labels(ctx.task_names, ctx.label_lists)
-    id2label = dict(enumerate(labels))
-    config = GatedViTConfig(
-        **merged_config_dict(ctx),
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        task_names=ctx.task_names,
-        task_num_labels=[len(x) for x in ctx.label_lists],
-        dynamic_keys=dyn,
-        shared_labels=shared,
-        gate_config=gate_config,
-        **routing,
-    )
+    config = routed_config(ctx, GatedViTConfig, gate_config, dynamic_keys=dyn, **routing)
     model = GatedMergedViTForImageClassification(config)
     ViTAdapter.from_model(model).load_state_dict(model, static, strict=False)
     with torch.no_grad():
@@ -193,17 +198,18 @@ def _facts(ctx, model, sims, blocks, dyn, static_name, start) -> dict:
     }
 
 
-def _train_router(ctx, model, **router_options) -> dict:
-    """Fit the task router inside ``model`` (timed as statistics); the facts for the card."""
+def train_router(ctx, model, *, method: str, combined: str = "", **router_options) -> dict:
+    """Fit the task router inside a routed ``model`` (timed as statistics); the facts for the card.
+    ``combined`` says how the ViT weights were combined, in the training note."""
     from ..gate import fit_router
 
     stats_start = time.perf_counter()
     stats_before = ctx.timings.get("stats_seconds", 0.0)
     info: dict = {
         "training_note": "Only the task router was trained (on unlabeled training images, task id as label); "
-        "the ViT weights were combined directly."
+        f"the ViT weights were combined directly{combined}."
     }
-    info.update(fit_router(ctx, model, method="gated", **router_options))
+    info.update(fit_router(ctx, model, method=method, **router_options))
     ctx.timings["stats_seconds"] = round(stats_before + time.perf_counter() - stats_start, 3)
     model.eval()
     return info
@@ -275,7 +281,7 @@ def gated(
     router_options = dict(
         samples_per_task=gate_samples_per_task, validation_fraction=gate_validation_fraction
     )
-    info = _train_router(ctx, model, gate=gate, trainer=trainer, **router_options)
+    info = train_router(ctx, model, method="gated", gate=gate, trainer=trainer, **router_options)
     if static_keys and ctx.base is None:
         info["static_note"] = (
             f"No base model: the static tensors were merged with {static_name!r}, which needs none."
