@@ -75,13 +75,6 @@ class EMRMergedViTForImageClassification(RoutedViTBase):
         self._build_router_and_heads(config)
         self.post_init()
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear) and module.weight is not None:
-            module.weight.normal_(0.0, self.config.initializer_range)
-            if module.bias is not None:
-                module.bias.zero_()
-
     def masks(self, i: int) -> torch.Tensor:
         """Packed masks ``[K, bytes]`` of the ``i``-th masked tensor."""
         return getattr(self, f"mask_{i}")

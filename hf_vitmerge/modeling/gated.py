@@ -250,6 +250,13 @@ class RoutedViTBase(PreTrainedModel):
         self.heads = nn.ModuleList(nn.Linear(config.hidden_size, n) for n in config.task_num_labels)
         self.gate = TaskGate(TaskGateConfig(**config.gate_config))
 
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear) and module.weight is not None:
+            module.weight.normal_(0.0, self.config.initializer_range)
+            if module.bias is not None:
+                module.bias.zero_()
+
     def _free_slots(self, names: list[str]) -> None:
         for name in names:
             owner, _, attr = name.rpartition(".")
@@ -382,11 +389,8 @@ class GatedMergedViTForImageClassification(RoutedViTBase):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear) and module.weight is not None:
-            module.weight.normal_(0.0, self.config.initializer_range)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.ParameterList):
+        super()._init_weights(module)  # the heads
+        if isinstance(module, nn.ParameterList):
             for p in module:
                 p.normal_(0.0, self.config.initializer_range)
 
