@@ -60,24 +60,42 @@ def joint_logits(task_logits, task=None) -> tuple[torch.Tensor, torch.Tensor]:
     return union, owner[union.argmax(-1)]
 
 
-class ViTMultiHeadForImageClassification(PreTrainedModel):
-    """A ViT backbone shared by all tasks and one linear head per task."""
+def multitask_output(task_logits, task=None, labels=None, **fields) -> MultiTaskImageClassifierOutput:
+    """The output of a model with one block of logits per task: the :func:`joint_logits` of
+    ``task_logits``, the predicted task and, with ``labels``, the NLL loss of the joint logits."""
+    logits, predicted = joint_logits(task_logits, task)
+    loss = None
+    if labels is not None:
+        loss = nn.functional.nll_loss(logits.masked_fill(torch.isinf(logits), -1e4), labels)
+    return MultiTaskImageClassifierOutput(
+        loss=loss, logits=logits, task_logits=task_logits, predicted_task=predicted, **fields
+    )
 
-    config_class = ViTMultiHeadConfig
+
+class MultiTaskViTBase(PreTrainedModel):
+    """What the multi-task ViTs (multi-head, partial zip) share: the input name and the
+    initialisation of linear layers."""
+
     base_model_prefix = "vit"
     main_input_name = "pixel_values"
-
-    def __init__(self, config: ViTMultiHeadConfig):
-        super().__init__(config)
-        self.vit = ViTModel(config, add_pooling_layer=False)
-        self.heads = nn.ModuleList(nn.Linear(config.hidden_size, n) for n in config.task_num_labels)
-        self.post_init()
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             module.weight.data.normal_(0.0, self.config.initializer_range)
             if module.bias is not None:
                 module.bias.data.zero_()
+
+
+class ViTMultiHeadForImageClassification(MultiTaskViTBase):
+    """A ViT backbone shared by all tasks and one linear head per task."""
+
+    config_class = ViTMultiHeadConfig
+
+    def __init__(self, config: ViTMultiHeadConfig):
+        super().__init__(config)
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.heads = nn.ModuleList(nn.Linear(config.hidden_size, n) for n in config.task_num_labels)
+        self.post_init()
 
     def forward(
         self,
@@ -94,15 +112,6 @@ class ViTMultiHeadForImageClassification(PreTrainedModel):
         )
         cls = out.last_hidden_state[:, 0, :]
         task_logits = tuple(head(cls) for head in self.heads)
-        logits, predicted = joint_logits(task_logits, task)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.nll_loss(logits.masked_fill(torch.isinf(logits), -1e4), labels)
-        return MultiTaskImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            task_logits=task_logits,
-            predicted_task=predicted,
+        return multitask_output(
+            task_logits, task, labels, hidden_states=out.hidden_states, attentions=out.attentions
         )

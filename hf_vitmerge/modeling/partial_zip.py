@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, ViTConfig
+from transformers import ViTConfig
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTLayer
 
-from .multihead import MultiTaskImageClassifierOutput, joint_logits
+from .multihead import MultiTaskViTBase, multitask_output
 
 
 class ViTPartialZipConfig(ViTConfig):
@@ -69,12 +69,11 @@ class ViTTail(nn.Module):
         return self.classifier(self.layernorm(hidden)[:, 0, :])
 
 
-class ViTPartialZipForImageClassification(PreTrainedModel):
+class ViTPartialZipForImageClassification(MultiTaskViTBase):
     """A merged ViT trunk followed by one unmerge + tail + head per input model."""
 
     config_class = ViTPartialZipConfig
     base_model_prefix = "trunk"
-    main_input_name = "pixel_values"
 
     def __init__(self, config: ViTPartialZipConfig):
         super().__init__(config)
@@ -87,11 +86,8 @@ class ViTPartialZipForImageClassification(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, self.config.initializer_range)
-            if module.bias is not None:
-                module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
+        super()._init_weights(module)  # the linear layers
+        if isinstance(module, nn.LayerNorm):
             module.weight.data.fill_(1.0)
             module.bias.data.zero_()
         elif isinstance(module, ViTEmbeddings):
@@ -104,10 +100,4 @@ class ViTPartialZipForImageClassification(PreTrainedModel):
         for layer in self.trunk.layers:
             hidden = _run_layer(layer, hidden)
         task_logits = tuple(tail(hidden) for tail in self.tails)
-        logits, predicted = joint_logits(task_logits, task)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.nll_loss(logits.masked_fill(torch.isinf(logits), -1e4), labels)
-        return MultiTaskImageClassifierOutput(
-            loss=loss, logits=logits, task_logits=task_logits, predicted_task=predicted
-        )
+        return multitask_output(task_logits, task, labels)
