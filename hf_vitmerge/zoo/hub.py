@@ -360,6 +360,13 @@ class ImageKind:
 
 _SHAPE = {t.name: t for t in shapes.SHAPE_TASKS}
 
+
+def _shapes_kind(name: str, shape_task: str, description: str) -> ImageKind:
+    """A kind that is no task of its own, drawn like the shapes suite's task ``shape_task``."""
+    task = _SHAPE[shape_task]
+    return ImageKind(name, task.labels, _from_shapes(task), description, task=False)
+
+
 KINDS: tuple[ImageKind, ...] = (
     ImageKind(
         "digits", tuple(DIGIT_LABELS), _digits, "handwritten digit (scikit-learn digits), pale ink on slate"
@@ -373,20 +380,8 @@ KINDS: tuple[ImageKind, ...] = (
     ImageKind("flags", tuple(FLAG_LABELS), _flags, "tricolour flag: stripe direction and middle colour"),
     ImageKind("scenes", tuple(SCENE_LABELS), _scenes, "landscape at day, night or sunset", task=False),
     ImageKind("mosaics", tuple(MOSAIC_LABELS), _mosaic, "mosaic in warm, cool or gray tones", task=False),
-    ImageKind(
-        "silhouettes",
-        _SHAPE["shape-kind"].labels,
-        _from_shapes(_SHAPE["shape-kind"]),
-        "one shape on a dark background",
-        task=False,
-    ),
-    ImageKind(
-        "disc-counts",
-        _SHAPE["shape-count"].labels,
-        _from_shapes(_SHAPE["shape-count"]),
-        "1-4 discs on a grid",
-        task=False,
-    ),
+    _shapes_kind("silhouettes", "shape-kind", "one shape on a dark background"),
+    _shapes_kind("disc-counts", "shape-count", "1-4 discs on a grid"),
 )
 TASK_KINDS = tuple(k for k in KINDS if k.task)
 
