@@ -58,31 +58,40 @@ HUB_FINETUNE = {
 
 _SCRATCH = {"tiny": _scratch(300, 64, 2e-3), "small": _scratch(500, 64, 1e-3), "base": _scratch(2, 8, 1e-4)}
 
+
+def _digit_split_suite(name: str, width: int, *, description: str, regime: str, design: str) -> SuiteSpec:
+    """A suite of differently initialised models trained from scratch, each on its own ``width``
+    consecutive digits (disjoint label spaces)."""
+    return SuiteSpec(
+        name=name,
+        init="independent",
+        family="digits",
+        description=description,
+        num_tasks=len(_digit_groups(width)),
+        tasks=lambda size, arch, seed: digits.label_split_tasks(_digit_groups(width), arch.image_size, seed),
+        recipes=_SCRATCH,
+        regime=regime,
+        design=design,
+    )
+
+
 SUITES: dict[str, SuiteSpec] = {
     s.name: s
     for s in (
-        SuiteSpec(
-            name="digits-split",
-            init="independent",
-            family="digits",
+        _digit_split_suite(
+            "digits-split",
+            5,
             description="2 differently initialised models: digits 0-4 and digits 5-9 (disjoint label spaces)",
-            num_tasks=2,
-            tasks=lambda size, arch, seed: digits.label_split_tasks(_digit_groups(5), arch.image_size, seed),
-            recipes=_SCRATCH,
             regime="A stress test for alignment methods (ZipIt!/MuDSC): different initialisations, so weights "
             "must be matched before they can be merged.",
             design="scikit-learn's 8x8 digits, upscaled (bilinear) to the model's image size, white on black, "
             "split 75/25 (stratified, seeded). Each model sees only its own five digits and is trained from "
             "its own random initialisation. Label index is the position of the digit within the task.",
         ),
-        SuiteSpec(
-            name="digits-split5",
-            init="independent",
-            family="digits",
+        _digit_split_suite(
+            "digits-split5",
+            2,
             description="5 differently initialised models, 2 digits each (disjoint label spaces)",
-            num_tasks=5,
-            tasks=lambda size, arch, seed: digits.label_split_tasks(_digit_groups(2), arch.image_size, seed),
-            recipes=_SCRATCH,
             regime="A stress test for alignment methods: N > 2 models from different initialisations.",
             design="As `digits-split`, with five tasks of two digits each.",
         ),
