@@ -63,25 +63,25 @@ class SizeSpec:
 
 _VIT_B16 = ArchSpec(224, 16, 768, 12, 12, 3072)
 
+
+def _archs(digits: ArchSpec, drawn: ArchSpec | None = None) -> dict[str, ArchSpec]:
+    """``SizeSpec.archs``: the digits' architecture and one for the drawn images of the shapes and
+    hub families (the digits' unless given)."""
+    drawn = drawn or digits
+    return {"digits": digits, "shapes": drawn, "hub": drawn}
+
+
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(
         "tiny",
-        {
-            "digits": ArchSpec(16, 4, 64, 3, 4, 128),
-            "shapes": ArchSpec(24, 4, 64, 3, 4, 128),
-            "hub": ArchSpec(24, 4, 64, 3, 4, 128),
-        },
+        _archs(ArchSpec(16, 4, 64, 3, 4, 128), ArchSpec(24, 4, 64, 3, 4, 128)),
         shapes_train=600,
         shapes_test=300,
         note="CI-sized: builds in a few minutes on 2 CPU cores.",
     ),
     "small": SizeSpec(
         "small",
-        {
-            "digits": ArchSpec(32, 4, 128, 6, 4, 256),
-            "shapes": ArchSpec(32, 4, 128, 6, 4, 256),
-            "hub": ArchSpec(32, 4, 128, 6, 4, 256),
-        },
+        _archs(ArchSpec(32, 4, 128, 6, 4, 256)),
         shapes_train=1500,
         shapes_test=400,
         hub_train=1500,
@@ -91,7 +91,7 @@ SIZES: dict[str, SizeSpec] = {
     ),
     "base": SizeSpec(
         "base",
-        {"digits": _VIT_B16, "shapes": _VIT_B16, "hub": _VIT_B16},
+        _archs(_VIT_B16),
         shapes_train=64,
         shapes_test=32,
         hub_train=64,
