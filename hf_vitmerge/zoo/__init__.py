@@ -51,7 +51,7 @@ HUB_PRETRAIN = {
     "base": TrainSpec(2, 8, 1e-4),
 }
 HUB_FINETUNE = {
-    "tiny": TrainSpec(0, 32, 2e-4, weight_decay=0.0, epochs=6, head_lr_scale=5),
+    "tiny": TrainSpec(0, 32, 2e-4, weight_decay=0.0, epochs=5, head_lr_scale=5),
     "small": TrainSpec(0, 32, 1e-4, weight_decay=0.0, epochs=6, head_lr_scale=5),
     "base": TrainSpec(2, 8, 1e-5, weight_decay=0.0),
 }

@@ -137,10 +137,10 @@ def _textures(rng: np.random.Generator, size: int, split: str) -> tuple[Image.Im
     elif name == "diagonal-down":
         for i in range(-2 * s, 2 * s, p):
             d.line((i + off, 0, i + off + s, s), fill=a, width=h)
-    elif name == "grid":
+    elif name == "grid":  # lines two pixels wide: one-pixel lines blur into a checker at 24 px
         for i in rng_sp:
-            d.rectangle((0, i + off, s, i + off + SS - 1), fill=a)
-            d.rectangle((i + off, 0, i + off + SS - 1, s), fill=a)
+            d.rectangle((0, i + off, s, i + off + 2 * SS - 1), fill=a)
+            d.rectangle((i + off, 0, i + off + 2 * SS - 1, s), fill=a)
     else:  # checker
         for i in rng_sp:
             for j in rng_sp:
