@@ -122,10 +122,10 @@ class MergeConfig(_Strict):
             bad = sorted(set(self.groups) - set(KINDS))
             if bad:
                 raise ValueError(f"groups: unknown group(s) {bad}; valid groups: {', '.join(KINDS)}")
-        specs = [get_method(n) for n in names if n != "per_group"]
-        for spec in specs:
+        problems = []  # reported together, so one run names every bad key
+        for spec in [get_method(n) for n in names if n != "per_group"]:
             if spec.needs_base and not self.base_model:
-                raise ValueError(
+                problems.append(
                     f"base_model: method {spec.name!r} works on task vectors and needs `base_model` "
                     "(the pre-trained model the inputs were fine-tuned from)"
                 )
@@ -133,12 +133,14 @@ class MergeConfig(_Strict):
             try:
                 get_method(self.method).validate_params(self.parameters)
             except ValueError as err:
-                raise ValueError(f"parameters: {err}") from None
+                problems.append(f"parameters: {err}")
         for group, recipe in (self.groups or {}).items():
             try:
                 get_method(recipe.method).validate_params(recipe.parameters, allow_auto=False)
             except (ValueError, TypeError) as err:
-                raise ValueError(f"groups.{group}: {err}") from None
+                problems.append(f"groups.{group}: {err}")
+        if problems:
+            raise ValueError("; ".join(dict.fromkeys(problems)))
         return self
 
     def to_yaml(self) -> str:

@@ -43,6 +43,14 @@ def test_parameter_types():
     assert cfg.parameters == {"scaling": 1}
 
 
+def test_missing_base_and_bad_parameter_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config({**BASE, "method": "ties", "parameters": {"density": "lots"}})
+    message = str(info.value)
+    assert "base_model: method 'ties'" in message
+    assert "parameter 'density' of method 'ties' got 'lots'" in message
+
+
 def test_yaml_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
