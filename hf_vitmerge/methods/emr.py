@@ -82,8 +82,15 @@ def _emr_config(ctx, keys, granularity, top_k, router_layers, gate_config):
     """The EMR model's config: labels (shared or union), tasks, masked keys and routing."""
     from ..modeling.emr import EMRViTConfig
 
-    routing = dict(granularity=granularity, routing_top_k=top_k, router_layers=router_layers)
-    return routed_config(ctx, EMRViTConfig, gate_config, masked_keys=keys, **routing)
+    return routed_config(
+        ctx,
+        EMRViTConfig,
+        gate_config,
+        masked_keys=keys,
+        granularity=granularity,
+        routing_top_k=top_k,
+        router_layers=router_layers,
+    )
 
 
 def _checked_router_layers(ctx, granularity: str, router_layers: int | None) -> int:
