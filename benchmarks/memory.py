@@ -97,7 +97,7 @@ def generate(workdir: Path, n: int, size: str, seed: int = 0) -> tuple[Path, lis
     config = ViTConfig(**SIZES[size], num_labels=10)
     base_dir = workdir / "base"
     if not (base_dir / "model.safetensors").is_file():
-        ViTForImageClassification(config).save_pretrained(base_dir)
+        _save_atomically(ViTForImageClassification(config), base_dir)
     base = ViTForImageClassification.from_pretrained(base_dir)
     paths = []
     for i in range(n):
@@ -110,9 +110,19 @@ def generate(workdir: Path, n: int, size: str, seed: int = 0) -> tuple[Path, lis
         with torch.no_grad():
             for p, q in zip(model.parameters(), base.parameters(), strict=True):
                 p.copy_(q + 1e-3 * torch.randn(q.shape, generator=g))
-        model.save_pretrained(folder)
+        _save_atomically(model, folder)
         del model
     return base_dir, paths
+
+
+def _save_atomically(model, folder: Path) -> None:
+    """Save into a temporary folder, then rename: a run killed mid-save leaves no truncated
+    checkpoint that a later run would take for a finished one."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(tmp)
+    os.replace(tmp, folder)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -133,8 +143,8 @@ def child(args: argparse.Namespace) -> None:
 
             from hf_vitmerge.streaming import StackBuffers, StreamReader, file_order
 
-            sources = [resolve_model(m) for m in [args.base, *models]]
-            readers = [StreamReader(s) for s in sources]
+            sources = [resolve_model(m, check_finite=False) for m in [args.base, *models]]
+            readers = [StreamReader(s, check_finite=False) for s in sources]
             buffers = StackBuffers(len(readers))
             keep = {}
             for key in file_order(sources[0].adapter.keys, readers[0]):

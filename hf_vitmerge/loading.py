@@ -170,9 +170,17 @@ def _load_hf_model(source: ModelSource) -> torch.nn.Module:
 
 
 def resolve_model(
-    ref: str | os.PathLike, revision: str | None = None, name: str | None = None
+    ref: str | os.PathLike,
+    revision: str | None = None,
+    name: str | None = None,
+    *,
+    check_finite: bool = True,
 ) -> ModelSource:
-    """Find a model folder locally or on the Hub (or in the HF cache) and validate it."""
+    """Find a model folder locally or on the Hub (or in the HF cache) and validate it.
+
+    ``check_finite=False`` skips reading every weight to refuse NaN or infinite values: for
+    callers that read every tensor anyway and check it then (the streaming merge engine,
+    :class:`hf_vitmerge.streaming.StreamReader`), so that no input is read twice."""
     from transformers import AutoConfig
 
     ref_str = str(ref)
@@ -210,14 +218,15 @@ def resolve_model(
         k.startswith("pooler.") for f in _weight_files(path, ref_str) for k in _file_keys(f, ref_str)
     )
     source.adapter = ViTAdapter.from_config(config, with_classifier=with_classifier, has_pooler=has_pooler)
-    _validate_weights(source)
+    _validate_weights(source, check_finite)
     return source
 
 
-def _validate_weights(source: ModelSource) -> None:
+def _validate_weights(source: ModelSource, check_finite: bool = True) -> None:
     adapter = source.adapter
     reader = TensorReader(source)
-    _check_finite(source, reader)
+    if check_finite:
+        _check_finite(source, reader)
     missing = [k for k in adapter.keys if k not in reader]
     if missing:
         raise ModelLoadError(
@@ -248,17 +257,27 @@ def _check_finite(source: ModelSource, reader: TensorReader) -> None:
         return
     try:
         for key in list(reader._where):
-            tensor = reader.get(key)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise ModelLoadError(
-                    f"model {source.ref!r}: tensor {reader.file_key(key)!r} holds {bad} NaN or infinite "
-                    f"value(s) out of {tensor.numel()}. Merging it would spread them into the merged model; "
-                    "use a checkpoint whose weights are all finite (was it saved after a diverged training run?)."
-                )
+            require_finite(source, reader.file_key(key), reader.get(key))
     finally:
         reader.close()
     _FINITE_CHECKED.update(files)
+
+
+def require_finite(source: ModelSource, file_key: str, tensor: torch.Tensor) -> None:
+    """Raise :class:`ModelLoadError` naming the model and tensor if ``tensor`` holds NaN or infinity.
+
+    One reduction decides: the sum of a tensor with a NaN or an infinity is not finite (the
+    exact count is only taken then, for the message; a sum that overflowed on finite values
+    passes)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ModelLoadError(
+            f"model {source.ref!r}: tensor {file_key!r} holds {bad} NaN or infinite "
+            f"value(s) out of {tensor.numel()}. Merging it would spread them into the merged model; "
+            "use a checkpoint whose weights are all finite (was it saved after a diverged training run?)."
+        )
 
 
 def weights_sha256(source: ModelSource) -> dict[str, str]:

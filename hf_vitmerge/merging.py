@@ -81,8 +81,15 @@ def prepare(config: MergeConfig | dict | str, quiet: bool = False) -> MergeConte
     for i, entry in enumerate(config.models):
         if entry.data is not None:
             check_data_path(entry.data.path, f"models.{i}.data.path")
-    sources = [resolve_model(m.model, m.revision) for m in config.models]
-    base = resolve_model(config.base_model, config.base_revision) if config.base_model else None
+    # a tensorwise merge reads every input tensor once and checks it for NaN/inf as it does;
+    # other methods have their weights checked here, before any work
+    check = not _streams_every_tensor(config)
+    sources = [resolve_model(m.model, m.revision, check_finite=check) for m in config.models]
+    base = (
+        resolve_model(config.base_model, config.base_revision, check_finite=check)
+        if config.base_model
+        else None
+    )
     _check_distinct(sources, base)
     check_compatible({s.ref: s.adapter for s in sources + ([base] if base else [])})
     names = _task_names(config, sources)
@@ -97,6 +104,12 @@ def prepare(config: MergeConfig | dict | str, quiet: bool = False) -> MergeConte
             if entry.data is not None:
                 ctx.calibration_data(i)  # cached on the context; fails here, not mid-merge
     return ctx
+
+
+def _streams_every_tensor(config: MergeConfig) -> bool:
+    """Whether the merge reads its inputs only through the streaming engine (which checks every
+    tensor it reads, and reads them all: backbone and classifiers)."""
+    return config.groups is None and get_method(config.method).kind == "tensorwise"
 
 
 def _needs_data(config: MergeConfig) -> bool:
@@ -193,7 +206,11 @@ def tensorwise_result(ctx: MergeContext, spec: MethodSpec, params: dict) -> Merg
 
     @torch.no_grad()
     def write(key: str, tensor: torch.Tensor) -> None:
-        target.parameter(model, canonical[key]).copy_(tensor)
+        param = target.parameter(model, canonical[key])
+        if tensor.shape == param.shape and tensor.dtype == param.dtype:
+            param.data = tensor  # the engine's tensor is the merged model's own: no copy
+        else:
+            param.copy_(tensor)
 
     ctx.run_tensorwise(spec, params, keys + (head_keys if merge_head else []), sink=write)
     result = MergeResult(info=info)

@@ -36,6 +36,9 @@ PRODUCT_DTYPE = torch.float32
 PRODUCT_ROWS = 8192
 #: CPU products by BLAS ``ssyrk`` (lower triangle, half the FLOPs) instead of ``torch.mm``
 CPU_SYRK = True
+#: joint feature rows of one point gathered over batches (up to this many bytes, and at most
+#: :data:`PRODUCT_ROWS` rows) before their product is taken: fewer, larger products
+GATHER_BYTES = 4 << 20
 # point kind -> (module role, hook type, parts per model); "out" hooks read the module output
 _KINDS: dict[str, tuple[tuple[str, str], ...]] = {
     "qk": (("q", "out"), ("k", "out")),
@@ -220,6 +223,21 @@ def _accumulate_syrk(outer: torch.Tensor, f: torch.Tensor, dtype: torch.dtype, s
         outer.add_(buf)  # buf's strict upper triangle is never written (stays 0)
 
 
+def _accumulate_cross(
+    block: torch.Tensor, fi: torch.Tensor, fj: torch.Tensor, dtype: torch.dtype, scratch: dict | None
+) -> None:
+    """``block += fi^T fj`` (float64 ``block``; products over at most :data:`PRODUCT_ROWS` rows in
+    ``dtype``)."""
+    if dtype == torch.float64:
+        for start in range(0, fi.shape[0], PRODUCT_ROWS):
+            block.addmm_(fi[start : start + PRODUCT_ROWS].T, fj[start : start + PRODUCT_ROWS])
+        return
+    buf = _scratch(scratch, (fi.shape[1], fj.shape[1]), dtype, block.device)
+    for start in range(0, fi.shape[0], PRODUCT_ROWS):
+        torch.mm(fi[start : start + PRODUCT_ROWS].T, fj[start : start + PRODUCT_ROWS], out=buf)
+        block.add_(buf)
+
+
 def _accumulate_gemm(outer: torch.Tensor, f: torch.Tensor, dtype: torch.dtype, scratch: dict | None) -> None:
     if dtype == torch.float64:
         for start in range(0, f.shape[0], PRODUCT_ROWS):
@@ -233,11 +251,13 @@ def _accumulate_gemm(outer: torch.Tensor, f: torch.Tensor, dtype: torch.dtype, s
         outer.add_(buf)
 
 
-def _scratch(scratch: dict | None, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
+def _scratch(scratch: dict | None, dim: int | tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zeroed ``[dim, dim]`` product buffer (square: for ``?syrk``, whose strict upper triangle
+    stays zero) or a ``[rows, cols]`` one (a tuple: cross products), cached in ``scratch``."""
     key = (dim, dtype, str(device))
     if scratch is not None and key in scratch:
         return scratch[key]
-    buf = torch.zeros(dim, dim, dtype=dtype, device=device)
+    buf = torch.zeros(*((dim, dim) if isinstance(dim, int) else dim), dtype=dtype, device=device)
     if scratch is not None:
         scratch[key] = buf
     return buf
@@ -287,6 +307,7 @@ class _Collector:
         self.triangular: set[str] = set()  # points whose outer holds only its lower triangle (syrk)
         self.rounded: set[str] = set()  # points to symmetrize at the end (GEMM rounding)
         self.scratch: dict = {}  # float32 product buffers, one per feature size
+        self.gathered: dict[str, tuple[torch.Tensor, int]] = {}  # point -> (rows buffer, rows filled)
         for point in self.points:
             kind, layer, d = _parse_point(point, adapters[0])
             self.stats[point] = FeatureStats.zeros(self.n * d, device)
@@ -328,30 +349,64 @@ class _Collector:
             self._flush(point)
 
     def _flush(self, point: str) -> None:
-        buf = self.buffers[point]
-        per_model = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in buf]
-        rows = {p.shape[0] for p in per_model}
+        """One batch of ``point`` is complete: copy each model's rows into its gather buffer (a
+        contiguous row block: a plain copy); take the products once the buffers are full."""
+        parts = self.buffers[point]
+        self.buffers[point] = [[] for _ in range(self.n)]
+        rows = {sum(p.shape[0] for p in model_parts) for model_parts in parts}
         if len(rows) != 1:
             raise RuntimeError(f"point {point!r}: models produced different numbers of samples {rows}")
+        r = rows.pop()
+        first = parts[0][0]
+        d = first.shape[1]
+        gathered, filled = self.gathered.get(point, (None, 0))
+        if gathered is not None and gathered.shape[1] < filled + r:
+            self._accumulate(point, gathered[:, :filled])
+            filled = 0
+        if gathered is None or gathered.shape[1] < r:
+            capacity = max(r, min(PRODUCT_ROWS, GATHER_BYTES // (self.n * d * 4)))
+            gathered = torch.empty(self.n, capacity, d, dtype=_product_dtype(first), device=first.device)
+        for m, model_parts in enumerate(parts):
+            at = filled
+            for p in model_parts:
+                gathered[m, at : at + p.shape[0]].copy_(p)
+                at += p.shape[0]
+        self.gathered[point] = (gathered, filled + r)
+
+    def _accumulate(self, point: str, gathered: torch.Tensor) -> None:
+        """Add the ``[n, rows, d]`` gathered features (model m's in block m of the joint feature
+        vector) to the point's float64 count, sum and outer product."""
         st = self.stats[point]
-        dtype = _product_dtype(per_model[0])
-        if self.n == 1:
-            joint = per_model[0].to(dtype)
-        else:
-            d = per_model[0].shape[1]
-            joint = torch.empty(rows.pop(), self.n * d, dtype=dtype, device=st.sum.device)
-            for m, p in enumerate(per_model):
-                joint[:, m * d : (m + 1) * d].copy_(p)
-        self.buffers[point] = [[] for _ in range(self.n)]
-        st.count += joint.shape[0]
-        st.sum.add_(joint.sum(0, dtype=torch.float64))
-        if accumulate_outer_(st.outer, joint, lower_only=True, scratch=self.scratch):
-            self.triangular.add(point)
-        else:
-            self.rounded.add(point)
+        n, rows, d = gathered.shape
+        st.count += rows
+        for m in range(n):
+            st.sum[m * d : (m + 1) * d].add_(gathered[m].sum(0, dtype=torch.float64))
+        if n == 1 or gathered.is_cuda or not CPU_SYRK:
+            joint = gathered[0] if n == 1 else gathered.permute(1, 0, 2).reshape(rows, n * d)
+            if accumulate_outer_(st.outer, joint, lower_only=True, scratch=self.scratch):
+                self.triangular.add(point)
+            else:
+                self.rounded.add(point)
+            return
+        # CPU, several models: the lower blocks of the joint product, F_i^T F_j for j <= i, from
+        # the per-model blocks in place (ssyrk on the diagonal, GEMM below it): no joint copy
+        dtype = gathered.dtype
+        for i in range(n):
+            rows_i = slice(i * d, (i + 1) * d)
+            _accumulate_syrk(st.outer[rows_i, rows_i], gathered[i], dtype, self.scratch)
+            for j in range(i):
+                block = st.outer[rows_i, j * d : (j + 1) * d]
+                _accumulate_cross(block, gathered[i], gathered[j], dtype, self.scratch)
+        self.triangular.add(point)
 
     def finalize(self) -> dict[str, FeatureStats]:
-        """Make the accumulated outer products exactly symmetric (see :func:`accumulate_outer_`)."""
+        """Take the products of the rows still gathered, and make the accumulated outer products
+        exactly symmetric (see :func:`accumulate_outer_`)."""
+        with torch.inference_mode():  # the gathered rows and product buffers were made in it
+            for point, (gathered, filled) in self.gathered.items():
+                if filled:
+                    self._accumulate(point, gathered[:, :filled])
+        self.gathered.clear()
         for point in self.triangular:
             symmetrize_lower_(self.stats[point].outer)
         for point in self.rounded - self.triangular:

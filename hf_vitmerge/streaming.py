@@ -8,7 +8,9 @@ costs one system call per tensor and touches each byte once. Keys are visited in
 of their bytes in the first input's files, so every file is read front to back.
 
 ``.bin`` checkpoints and tensors stored in another dtype go through a fallback (read, then
-cast into the buffer).
+cast into the buffer). Each tensor is checked for NaN and infinity as it is read (one reduction
+over data already in cache), so the engine's inputs need no separate validation pass
+(``resolve_model(..., check_finite=False)``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .loading import ModelSource
+from .loading import ModelSource, require_finite
 
 _DTYPES = {
     "F32": torch.float32,
@@ -40,10 +43,16 @@ def _header(path: Path) -> tuple[int, dict]:
 
 
 class StreamReader:
-    """Canonical tensors of one model, read with ``os.preadv`` into buffers the caller owns."""
+    """Canonical tensors of one model, read with ``os.preadv`` into buffers the caller owns.
+    Several threads may read from one reader at once.
 
-    def __init__(self, source: ModelSource):
+    With ``check_finite`` (the default) a tensor holding NaN or infinity raises
+    :class:`~hf_vitmerge.errors.ModelLoadError` naming the model and tensor."""
+
+    def __init__(self, source: ModelSource, check_finite: bool = True):
         self.source = source
+        self.check_finite = check_finite
+        self._lock = threading.Lock()
         self._reader = source.tensors()  # canonical key -> (file, key in file); fallback reads
         self._fds: dict[Path, int] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
@@ -76,16 +85,27 @@ class StreamReader:
             self._reader.get(key)  # raises ModelLoadError naming the model and key
         file, entry, data_start = self._entry(key)
         if entry is None or _DTYPES.get(entry["dtype"]) != out.dtype or not out.is_contiguous():
-            out.copy_(self._reader.get(key).reshape(out.shape))
-            return out
+            with self._lock:  # the fallback reader loads and caches files: one thread at a time
+                tensor = self._reader.get(key)
+            out.copy_(tensor.reshape(out.shape))
+        else:
+            self._pread(key, file, entry, data_start, out)
+        if self.check_finite:
+            require_finite(self.source, self._reader.file_key(key), out)
+        return out
+
+    def _pread(self, key: str, file: Path, entry: dict, data_start: int, out: torch.Tensor) -> None:
         begin, end = entry["data_offsets"]
         if end - begin != out.numel() * out.element_size():
             raise ValueError(
                 f"{self.source.ref!r}: tensor {key} has {end - begin} bytes, expected {out.shape}"
             )
         fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        if fd is None:  # two engine threads may get here at once: keep one descriptor
+            opened = os.open(file, os.O_RDONLY)
+            fd = self._fds.setdefault(file, opened)
+            if fd != opened:
+                os.close(opened)
         view = memoryview(out.numpy()).cast("B")
         done = 0
         while done < len(view):  # preadv may return short reads
@@ -93,7 +113,6 @@ class StreamReader:
             if n <= 0:
                 raise OSError(f"{self.source.ref!r}: unexpected end of {file.name} reading {key}")
             done += n
-        return out
 
     def close(self) -> None:
         for fd in self._fds.values():

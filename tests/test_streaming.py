@@ -125,3 +125,46 @@ def test_memory_benchmark_rejects_unknown_methods():
     )
     assert res.returncode != 0
     assert "unknown merge method 'nope'" in res.stderr and "average" in res.stderr
+
+
+@pytest.mark.parametrize("method, params", [("dare", {"drop_rate": 0.5}), ("ties", {"density": 0.3})])
+def test_engine_threads_do_not_change_the_result(models, monkeypatch, method, params):
+    """Several engine threads read and merge tensors in any order; each key's random generator is
+    seeded from the key, so one thread and four give bit-identical merges."""
+    config = {
+        "method": method,
+        "base_model": str(models / "base"),
+        "models": [{"model": str(models / f"m{i}")} for i in range(3)],
+    }
+    results = []
+    for threads in ("1", "4"):
+        monkeypatch.setenv("HF_VITMERGE_MERGE_THREADS", threads)
+        ctx = prepare(config, quiet=True)
+        spec = get_method(method)
+        results.append(ctx.run_tensorwise(spec, spec.validate_params(params), ctx.adapter.backbone_keys))
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+def test_non_finite_merge_from_finite_inputs_is_reported(models):
+    """Inputs are finite, but a scaling beyond float32 range (1e40) makes them infinite: the engine's output check names the
+    method and tensor instead of writing infinities."""
+    from hf_vitmerge.errors import HFVitMergeError
+    from hf_vitmerge.loading import ModelLoadError
+
+    ctx = prepare(
+        {
+            "method": "task_arithmetic",
+            "base_model": str(models / "base"),
+            "models": [{"model": str(models / f"m{i}")} for i in range(3)],
+        },
+        quiet=True,
+    )
+    spec = get_method("task_arithmetic")
+    keys = ctx.adapter.backbone_keys
+    with pytest.raises(
+        HFVitMergeError, match=r"task_arithmetic: the merged tensor .* NaN or infinite"
+    ) as err:
+        ctx.run_tensorwise(spec, spec.validate_params({"scaling": 1e40}), keys)
+    assert not isinstance(err.value, ModelLoadError)  # no input is blamed

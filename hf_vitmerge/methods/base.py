@@ -6,6 +6,9 @@ A model-level method receives a :class:`MergeContext` and returns a :class:`Merg
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +20,8 @@ from tqdm.auto import tqdm
 from ..arch import ViTAdapter
 from ..config import MergeConfig
 from ..data import DataError, TaskData, load_task_data
-from ..errors import ConfigError
-from ..loading import ModelSource
+from ..errors import ConfigError, HFVitMergeError
+from ..loading import ModelSource, require_finite
 from ..streaming import StackBuffers, StreamReader, file_order
 from ._stack import TensorStack
 from .registry import MethodSpec
@@ -111,15 +114,22 @@ class MergeContext:
         """Stream ``keys`` from every input's weight files through a tensorwise method.
 
         Each tensor of every input is read once, in file order, straight into a reusable
-        ``[K, *shape]`` float32 buffer (:mod:`hf_vitmerge.streaming`; the next tensor is read in a
-        background thread while the method runs on this one), which the method receives
-        as a :class:`~hf_vitmerge.methods._stack.TensorStack` (a ``list[Tensor]``). Returns
+        ``[K, *shape]`` float32 buffer (:mod:`hf_vitmerge.streaming`), which the method receives
+        as a :class:`~hf_vitmerge.methods._stack.TensorStack` (a ``list[Tensor]``). Tensors are
+        read and merged by :func:`engine_workers` threads at once, each with its own buffer set
+        and one intra-op thread, so one tensor is read while others are merged and the method runs
+        on every core; the result does not depend on the order (each key's random generator is
+        seeded from the key). Returns
         ``{key: merged tensor}``; with ``sink``, each merged tensor is passed to ``sink(key, tensor)``
-        as soon as it is produced (and must be copied there: its memory may be reused) and the
-        returned dict is empty, so the merged tensors are never held twice.
+        as soon as it is produced (a tensor of its own, never a view of the engine's buffers: the
+        sink may keep it) and the returned dict is empty, so the merged tensors are never held twice.
+
+        NaN/inf: each merged tensor is checked (one reduction over 1/K of what was read); if it is
+        not finite, its inputs are read again, checked, and the bad one is named
+        (``ModelLoadError``), so no second pass over every input is needed (``prepare`` skips it).
         """
-        readers = [StreamReader(s) for s in self.sources]
-        base_reader = StreamReader(self.base) if self.base is not None else None
+        readers = [StreamReader(s, check_finite=False) for s in self.sources]
+        base_reader = StreamReader(self.base, check_finite=False) if self.base is not None else None
         weights = [m.weight for m in self.config.models]
         if (
             any(w is not None for w in weights)
@@ -127,33 +137,22 @@ class MergeContext:
             and params.get("weights") is None
         ):
             params = {**params, "weights": [1.0 if w is None else w for w in weights]}
-        out: dict[str, torch.Tensor] = {}
         ordered = file_order(keys, readers[0])
         shapes = {key: readers[0].shape(key) for key in ordered}
         largest = max((_numel(s) for s in shapes.values()), default=0)
-        # two buffer sets: the next tensor is read (in a thread; preadv releases the GIL) while
-        # the method works on this one
-        buffers = [StackBuffers(len(readers)), StackBuffers(len(readers))]
-        for b in buffers:
-            b.reserve(largest)
+        workers = engine_workers()
+        # one buffer set per worker: a worker reads its tensor (preadv releases the GIL) while
+        # another runs the method on its own
+        free: queue.SimpleQueue[StackBuffers] = queue.SimpleQueue()
+        for _ in range(workers):
+            buffers = StackBuffers(len(readers))
+            buffers.reserve(largest)
+            free.put(buffers)
 
-        def read(i: int):
-            key = ordered[i]
-            stack, base = buffers[i % 2].views(shapes[key])
-            for reader, row in zip(readers, stack, strict=True):
-                reader.read_into(key, row)
-            if base_reader is None or key not in base_reader or base_reader.shape(key) != shapes[key]:
-                base = None
-            else:
-                base_reader.read_into(key, base)
-            return stack, base
-
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_vitmerge-read")
-        try:
-            pending = pool.submit(read, 0) if ordered else None
-            for i, key in enumerate(tqdm(ordered, desc=f"{spec.name}", disable=self.quiet, unit="tensor")):
-                stack, base = pending.result()
-                pending = pool.submit(read, i + 1) if i + 1 < len(ordered) else None
+        def work(key: str) -> torch.Tensor:
+            buffers = free.get()
+            try:
+                stack, base = _read_stack(key, shapes[key], buffers, readers, base_reader)
                 if spec.needs_base and base is None:
                     raise ValueError(f"{spec.name}: the base model has no tensor {key} of matching shape")
                 merged = spec.fn(
@@ -164,16 +163,96 @@ class MergeContext:
                     generator=self.generator(key),
                     **params,
                 )
-                if sink is not None:
-                    sink(key, merged)
-                else:
-                    out[key] = merged.clone() if buffers[i % 2].owns(merged) else merged.contiguous()
-                del merged, stack, base
+                if not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all()):
+                    _refuse_nonfinite(spec.name, key, self.sources, self.base, shapes[key])
+                merged = merged.clone() if buffers.owns(merged) else _compact(merged)
+            finally:
+                free.put(buffers)
+            if sink is not None:
+                sink(key, merged)
+            return merged
+
+        out: dict[str, torch.Tensor] = {}
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_vitmerge-merge")
+        try:
+            with intra_op_threads(1 if workers > 1 else torch.get_num_threads()):
+                futures = [pool.submit(work, key) for key in ordered]  # started in file order
+                progress = tqdm(futures, desc=f"{spec.name}", disable=self.quiet, unit="tensor")
+                for key, future in zip(ordered, progress, strict=True):
+                    merged = future.result()
+                    if sink is None:
+                        out[key] = merged
+                    del merged
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             for r in readers + ([base_reader] if base_reader else []):
                 r.close()
         return out
+
+
+def _read_stack(
+    key: str, shape, buffers: StackBuffers, readers: list[StreamReader], base_reader: StreamReader | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read ``key`` from every input into ``buffers`` (and from the base, when it has that tensor
+    with the same shape; else the base is None)."""
+    stack, base = buffers.views(shape)
+    for reader, row in zip(readers, stack, strict=True):
+        reader.read_into(key, row)
+    if base_reader is None or key not in base_reader or base_reader.shape(key) != shape:
+        return stack, None
+    base_reader.read_into(key, base)
+    return stack, base
+
+
+def engine_workers() -> int:
+    """Threads of the tensorwise engine: ``$HF_VITMERGE_MERGE_THREADS`` if set, else the usable CPU
+    cores, at least 2 (reading overlaps the method's work) and at most 4 (each holds one
+    ``[K, *shape]`` buffer set)."""
+    if os.environ.get("HF_VITMERGE_MERGE_THREADS"):
+        return max(1, int(os.environ["HF_VITMERGE_MERGE_THREADS"]))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(2, min(4, cores))
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Run with ``n`` torch intra-op threads, restoring the caller's setting after. The engine's
+    workers each run single-threaded ops: concurrent OpenMP teams on few cores spin and stall."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous tensor that owns exactly its storage (a copy if it is a view into more)."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _refuse_nonfinite(
+    method: str, key: str, sources: Sequence[ModelSource], base: ModelSource | None, shape
+) -> None:
+    """Name the input whose NaN/inf reached the merged tensor ``key`` (reading it again, checked)."""
+    for source in [*sources, *([base] if base is not None else [])]:
+        reader = StreamReader(source, check_finite=True)
+        try:
+            if key in reader:
+                reader.read_into(key, torch.empty(shape, dtype=torch.float32))  # raises ModelLoadError
+        finally:
+            reader.close()
+    raise HFVitMergeError(
+        f"{method}: the merged tensor {key} holds NaN or infinite values although every input's is "
+        "finite (an overflow in the method?). Try other parameters (a smaller scaling) or another method."
+    )
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -200,6 +279,8 @@ def read_heads(sources: Sequence[ModelSource]) -> list[tuple[torch.Tensor, torch
     for s in sources:
         reader = s.tensors()
         w, b = (reader.get(k).to(torch.float32) for k in s.adapter.classifier_keys)
+        for key, tensor in zip(s.adapter.classifier_keys, (w, b), strict=True):
+            require_finite(s, reader.file_key(key), tensor)
         heads.append((w, b))
         reader.close()
     return heads

@@ -16,37 +16,84 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
+from ._stack import stacked
 from .registry import Grid, merge_method
-from .task_arithmetic import task_vectors_
 from .ties import ties_task_vector_
 
 _DEFAULT_SCALING = {"task_arithmetic": 0.3, "ties": 1.0}
 
 
 _LEVELS = 1 << 16  # drop decisions compare 16 random bits with round(drop_rate * 2**16)
+_CHUNK = 1 << 19  # entries per chunk of one task vector (2 MB: long enough ops for two engine threads)
+
+
+class _DropBits:
+    """The 16-bit random values that decide DARE's drops, one per entry of the flattened
+    ``[K, *shape]`` stack in order, from numpy's SFC64 generator seeded from ``generator``. Drawn
+    in chunks, they are the same stream as one draw of the whole stack (SFC64 yields 64-bit words,
+    four values each; a partly used word carries over to the next chunk)."""
+
+    def __init__(self, generator: torch.Generator):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        self._bits = np.random.Generator(np.random.SFC64(seed)).bit_generator
+        self._left = np.empty(0, dtype=np.uint16)
+
+    def take(self, count: int) -> np.ndarray:
+        fresh = self._bits.random_raw(max(0, count - len(self._left) + 3) // 4).view(np.uint16)
+        values = np.concatenate([self._left, fresh]) if len(self._left) else fresh
+        self._left = values[count:].copy()
+        return values[:count]
 
 
 def _keep_mask(shape: torch.Size, drop_rate: float, generator: torch.Generator) -> tuple[torch.Tensor, float]:
     """A ``[*shape]`` float32 mask (1 = kept, 0 = dropped) and the survivors' rescaling factor.
 
-    Each entry is dropped when 16 random bits fall below ``round(drop_rate * 2**16)`` (numpy's
-    SFC64 generator, seeded from ``generator``: ~5x faster than ``torch.rand``; the comparison
-    writes float32 directly, as torch's bool-to-float conversion is slow on CPU); the rescaling is
-    the inverse of the exact survival probability, so the expectation is unchanged exactly."""
-    import numpy as np
-
+    Each entry is dropped when its 16 random bits (:class:`_DropBits`) fall below
+    ``round(drop_rate * 2**16)``; the comparison writes float32 directly, as torch's bool-to-float
+    conversion is slow on CPU. The rescaling is the inverse of the exact survival probability, so
+    the expectation is unchanged exactly."""
     numel = 1
     for s in shape:
         numel *= s
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((numel + 3) // 4)
     levels = round(drop_rate * _LEVELS)
     keep = np.empty(numel, dtype=np.float32)
-    np.greater_equal(bits.view(np.uint16)[:numel], levels, out=keep, casting="unsafe")
+    np.greater_equal(_DropBits(generator).take(numel), levels, out=keep, casting="unsafe")
     return torch.from_numpy(keep).reshape(shape), _LEVELS / (_LEVELS - levels)
+
+
+def _dropped_task_vectors(
+    stack: torch.Tensor, base: torch.Tensor, drop_rate: float, generator: torch.Generator, accumulate: bool
+) -> torch.Tensor | None:
+    """Form ``keep_k * (x_k - base)`` for the ``[K, *shape]`` inputs, one cache-sized chunk of one
+    row at a time (the masks of :func:`_keep_mask`, never materialised whole). With
+    ``accumulate``, return their sum over K; else write them into ``stack`` in place."""
+    num = stack.shape[0]
+    flat, base_flat = stack.reshape(num, -1), base.reshape(-1)
+    n = flat.shape[1]
+    width = min(_CHUNK, n)
+    levels = round(drop_rate * _LEVELS)
+    bits = _DropBits(generator) if levels else None
+    scratch = torch.empty(width, dtype=flat.dtype)
+    keep = np.empty(width, dtype=np.float32)
+    total = torch.zeros(n, dtype=flat.dtype) if accumulate else None
+    for k in range(num):
+        for start in range(0, n, width):
+            stop = min(start + width, n)
+            t = scratch[: stop - start]
+            torch.sub(flat[k, start:stop], base_flat[start:stop], out=t)
+            if bits is not None:
+                mask = keep[: stop - start]
+                np.greater_equal(bits.take(stop - start), levels, out=mask, casting="unsafe")
+                t.mul_(torch.from_numpy(mask))
+            if total is not None:
+                total[start:stop].add_(t)
+            else:
+                flat[k, start:stop].copy_(t)
+    return total
 
 
 def _check_drop_rate(drop_rate: float) -> None:
@@ -94,13 +141,12 @@ def dare(
     _check_drop_rate(drop_rate)
     generator = ctx.get("generator") or torch.Generator().manual_seed(0)
     lam = _DEFAULT_SCALING[combine] if scaling is None else float(scaling)
-    task_vecs = task_vectors_(tensors, base)
-    if drop_rate > 0.0:
-        keep, rescale = _keep_mask(task_vecs.shape, drop_rate, generator)
-        task_vecs.mul_(keep.to(task_vecs.device))
-        del keep
-        # the rescaling is a positive constant: it commutes with the sum and with every TIES step
-        # (magnitude ranks, signs, disjoint mean), so it is folded into lambda
-        lam *= rescale
-    merged = task_vecs.sum(0) if combine == "task_arithmetic" else ties_task_vector_(task_vecs, density)
-    return merged.mul_(lam).add_(base)
+    # the rescaling is a positive constant: it commutes with the sum and with every TIES step
+    # (magnitude ranks, signs, disjoint mean), so it is folded into lambda
+    lam *= _LEVELS / (_LEVELS - round(drop_rate * _LEVELS))
+    inputs = stacked(tensors)
+    if combine == "task_arithmetic":
+        total = _dropped_task_vectors(inputs, base, drop_rate, generator, accumulate=True)
+        return torch.add(base, total.view(base.shape), alpha=lam)
+    _dropped_task_vectors(inputs, base, drop_rate, generator, accumulate=False)
+    return ties_task_vector_(inputs, density).mul_(lam).add_(base)

@@ -23,9 +23,10 @@ Deviations from the released code (github.com/prateeksha-yadav/ties-merging), no
   ``density * n`` entries are kept (one standard error: +-0.0022 of n at density 0.2). Everything
   at or above the threshold is kept, as in the released code. No sort: ``torch.topk`` made TIES
   16x slower than reading its inputs.
-* Sign election and the disjoint mean are fused and run over cache-sized column chunks:
-  ``mean of the agreeing entries = (sum of the positive entries) / (their count)`` when the
-  elected sign is +, likewise for -.
+* The subtraction of the base, the trim, sign election, the disjoint mean and the final
+  ``base + scaling * tau`` are fused over cache-sized column chunks (each chunk's task vectors
+  live in a scratch buffer; the input stack is read once and never written), eight passes in
+  all (see ``_ties_fused``). The thresholds only form the task-vector entries they sample.
 * An entry whose summed sign is exactly zero gets zero (the released code falls back to the
   model-wide majority sign, which needs the whole model).
 """
@@ -34,12 +35,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import numpy as np
 import torch
 from pydantic import Field
 
+from ._stack import stacked
 from .registry import Grid, merge_method
-from .task_arithmetic import task_vectors_
 
 _EXACT_MAX = 1 << 17  # task vectors up to this size get the exact k-th largest magnitude
 _SAMPLE = 1 << 15  # otherwise, at least this many sampled entries per task vector
@@ -52,15 +52,24 @@ def topk_threshold(task_vecs: torch.Tensor, k: int, row_length: int | None = Non
     the exact k-th largest ``|x|`` for ``n <= 131072``, else that quantile of a strided sample of
     at least 32,768 entries (stride: a prime not dividing ``row_length``, the parameter's last
     dimension, so that matrix columns are not aliased)."""
-    n = task_vecs.shape[1]
+    return _sampled_threshold(task_vecs, None, k, row_length)
+
+
+def _sampled_threshold(
+    flat: torch.Tensor, base: torch.Tensor | None, k: int, row_length: int | None
+) -> torch.Tensor:
+    """:func:`topk_threshold` of the task vectors ``flat - base`` (``base`` None: ``flat`` holds
+    them), forming only the entries it samples."""
+    n = flat.shape[1]
     rank = n - k + 1  # the k-th largest is the rank-th smallest (1-based)
-    if n <= _EXACT_MAX:
-        return task_vecs.abs().kthvalue(rank, dim=1).values
-    row_length = row_length or n
-    stride = max((p for p in _PRIMES if n // p >= _SAMPLE and row_length % p), default=1)
-    sample = task_vecs[:, ::stride].abs()
+    stride = 1
+    if n > _EXACT_MAX:
+        row_length = row_length or n
+        stride = max((p for p in _PRIMES if n // p >= _SAMPLE and row_length % p), default=1)
+    sample = flat[:, ::stride]
+    sample = (sample - base[::stride]).abs_() if base is not None else sample.abs()
     m = sample.shape[1]
-    return sample.kthvalue(min(m, max(1, round(rank / n * m))), dim=1).values
+    return sample.kthvalue(rank if m == n else min(m, max(1, round(rank / n * m))), dim=1).values
 
 
 def trim_top_k(task_vecs: torch.Tensor, density: float) -> torch.Tensor:
@@ -69,16 +78,18 @@ def trim_top_k(task_vecs: torch.Tensor, density: float) -> torch.Tensor:
     return trim_top_k_(task_vecs.clone(), density)
 
 
-def _threshold(task_vecs: torch.Tensor, density: float) -> torch.Tensor | None:
-    """``[K]`` trim thresholds of a ``[K, *param]`` stack, or None when nothing is trimmed."""
+def _threshold(stack: torch.Tensor, density: float, base: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``[K]`` trim thresholds of the task vectors of a ``[K, *param]`` stack (``stack - base``, or
+    ``stack`` itself when ``base`` is None), or None when nothing is trimmed."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"ties: density must be in (0, 1], got {density}")
-    flat = task_vecs.reshape(task_vecs.shape[0], -1)
+    flat = stack.reshape(stack.shape[0], -1)
     n = flat.shape[1]
     k = max(1, round(density * n))
     if k >= n:
         return None
-    return topk_threshold(flat, k, task_vecs.shape[-1] if task_vecs.dim() > 1 else n)
+    row_length = stack.shape[-1] if stack.dim() > 1 else n
+    return _sampled_threshold(flat, None if base is None else base.reshape(-1), k, row_length)
 
 
 def trim_top_k_(task_vecs: torch.Tensor, density: float) -> torch.Tensor:
@@ -109,38 +120,62 @@ def ties_task_vector(task_vecs: torch.Tensor, density: float = 0.2) -> torch.Ten
 
 
 def ties_task_vector_(task_vecs: torch.Tensor, density: float = 0.2) -> torch.Tensor:
-    """:func:`ties_task_vector` that trims ``task_vecs`` in place (no copy of the stack): trim, sign
-    election and disjoint mean fused over cache-sized column chunks."""
-    threshold = _threshold(task_vecs, density)
-    flat = task_vecs.reshape(task_vecs.shape[0], -1)
-    out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
-    on_cpu = flat.device.type == "cpu"
-    keep_at = threshold.unsqueeze(1) if threshold is not None else None
-    mask = torch.empty(flat.shape[0], min(_CHUNK, flat.shape[1]), dtype=flat.dtype, device=flat.device)
-    for start in range(0, flat.shape[1], _CHUNK):
-        t = flat[:, start : start + _CHUNK]
-        if keep_at is not None:
-            m = mask[:, : t.shape[1]]
-            if on_cpu:  # numpy writes the comparison as float32 directly; torch's bool->float is slow
-                np.greater_equal(t.abs().numpy(), keep_at.numpy(), out=m.numpy(), casting="unsafe")
-            else:
-                m.copy_(t.abs() >= keep_at)
-            t.mul_(m)
-        total = t.sum(0)  # its sign is the elected sign
-        pos_sum = t.clamp(min=0).sum(0)
-        signs = t.sign()
-        balance = signs.sum(0)  # (#positive - #negative); float sums beat count_nonzero(dim=0) 3x
-        nonzero = signs.abs_().sum(0)  # (#positive + #negative)
-        pos_count = (nonzero + balance).mul_(0.5).clamp_(min=1)
-        neg_count = (nonzero - balance).mul_(0.5).clamp_(min=1)
-        neg_mean = (total - pos_sum).div_(neg_count)
-        pos_mean = pos_sum.div_(pos_count)
-        elected = total.sign_()  # -1, 0, +1
-        o = out[start : start + _CHUNK]
-        # by the elected sign, with float arithmetic (torch.where is slow on CPU):
-        # + -> positive mean, - -> negative mean, 0 -> 0
-        torch.mul(pos_mean.sub_(neg_mean).mul_(elected.clamp(min=0)).add_(neg_mean), elected.abs_(), out=o)
-    return out.reshape(task_vecs.shape[1:])
+    """:func:`ties_task_vector` without copying the stack (``task_vecs`` is left untouched: each
+    cache-sized chunk is trimmed in a scratch buffer): trim, sign election and disjoint mean
+    fused over column chunks."""
+    out = torch.empty(task_vecs.shape[1:], dtype=task_vecs.dtype, device=task_vecs.device)
+    _ties_fused(task_vecs, None, density, 1.0, out)
+    return out
+
+
+def _ties_fused(
+    stack: torch.Tensor, base: torch.Tensor | None, density: float, scaling: float, out: torch.Tensor
+) -> None:
+    """``out = base + scaling * TIES(stack - base)`` (``base`` None: ``out = TIES(stack)``, the
+    stack holding task vectors), one cache-sized column chunk at a time, in 8 passes over each
+    chunk's ``[K, chunk]`` entries and no ``[K, *param]`` temporary:
+
+    1. ``t = x - base`` (into a scratch buffer: the input stack is read once, never written);
+    2. trim: ``h = hardshrink(t, just below the row's threshold)`` (keeps ``|t| >= threshold``);
+    3. the elected sign ``e = sign(sum_k h)``;
+    4. ``a = relu(e * h)``: the entries that agree with ``e`` (as magnitudes), zero elsewhere;
+    5. ``merged = e * sum_k a / max(1, count_k(a > 0))``: the disjoint mean.
+    """
+    threshold = _threshold(stack, density, base)
+    num = stack.shape[0]
+    flat = stack.reshape(num, -1)
+    base_flat = base.reshape(-1) if base is not None else None
+    out_flat = out.view(-1)
+    n = flat.shape[1]
+    width = min(_CHUNK, n)
+    scratch = torch.empty(2, num, width, dtype=flat.dtype, device=flat.device)
+    # hardshrink keeps |t| > lambda; just below the threshold, that is |t| >= threshold
+    shrink = None
+    if threshold is not None:
+        shrink = torch.nextafter(threshold, torch.zeros_like(threshold)).tolist()
+    for start in range(0, n, width):
+        stop = min(start + width, n)
+        t, h = scratch[0, :, : stop - start], scratch[1, :, : stop - start]
+        if base_flat is not None:
+            torch.sub(flat[:, start:stop], base_flat[start:stop], out=t)
+            source = t
+        else:
+            source = flat[:, start:stop]
+        if shrink is not None:
+            for k, lam in enumerate(shrink):
+                torch.ops.aten.hardshrink.out(source[k], lam, out=h[k])
+        else:
+            h.copy_(source)
+        elected = h.sum(0).sign_()
+        agree = torch.mul(h, elected, out=t).relu_()
+        total = agree.sum(0)
+        count = agree.sign_().sum(0).clamp_(min=1)
+        merged = total.div_(count).mul_(elected)
+        o = out_flat[start:stop]
+        if base_flat is None:
+            o.copy_(merged)
+        else:
+            torch.add(base_flat[start:stop], merged, alpha=scaling, out=o)
 
 
 @merge_method(
@@ -161,4 +196,6 @@ def ties(
     keeps the merged task vector on the scale of a single one, lambda near 1 is the natural
     choice. FusionBench's 0.3 goes with its disjoint *sum* variant, which is K times larger.
     """
-    return ties_task_vector_(task_vectors_(tensors, base), density).mul_(scaling).add_(base)
+    out = torch.empty_like(base)
+    _ties_fused(stacked(tensors), base, density, scaling, out)
+    return out
