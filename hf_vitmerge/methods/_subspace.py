@@ -36,9 +36,10 @@ def orthonormalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def top_singular(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``k`` leading singular triplets of ``x``: ``U[:, :k]``, ``S[:k]``, ``Vh[:k]``."""
+    """The ``k`` leading singular triplets of ``x``: ``U[:, :k]``, ``S[:k]``, ``Vh[:k]`` (copies, so
+    the full factors are freed at once: a merge holds K tasks' triplets at a time)."""
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return u[:, :k], s[:k], vh[:k]
+    return u[:, :k].clone(), s[:k].clone(), vh[:k].clone()
 
 
 def svd_merge(us: list[torch.Tensor], ss: list[torch.Tensor], vhs: list[torch.Tensor]) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from .registry import Grid, merge_method
-from .task_arithmetic import task_vectors
+from .task_arithmetic import task_vectors_
 from .ties import disjoint_mean, elect_sign, trim_top_k
 
 _DEFAULT_SCALING = {"task_arithmetic": 0.3, "ties": 1.0}
@@ -69,7 +69,7 @@ def consensus(
     ``over``: the method whose task vector is masked (task_arithmetic or ties). ``scaling``
     defaults to that method's own default (0.3 / 1.0). ``density`` is TIES's trim (over: ties).
     """
-    tvs = task_vectors(tensors, base)
+    tvs = task_vectors_(tensors, base)  # in the engine's buffer: no [K, *param] copy
     lam = _DEFAULT_SCALING[over] if scaling is None else scaling
     if over == "task_arithmetic":
         merged = multi_task = tvs.sum(0)

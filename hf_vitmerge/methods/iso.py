@@ -27,7 +27,7 @@ from pydantic import Field
 from ..arch import ParamInfo
 from ._subspace import is_task_matrix, svd_merge, top_singular
 from .registry import Grid, merge_method
-from .task_arithmetic import task_vectors
+from .task_arithmetic import task_vectors_
 
 Alpha = Annotated[float, Field(ge=0), Grid(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)]
 
@@ -76,7 +76,7 @@ def iso_c(
     **_,
 ) -> torch.Tensor:
     """Iso-C: per layer, the summed task matrix with its singular values made equal (isotropic)."""
-    tvs = task_vectors(tensors, base)
+    tvs = task_vectors_(tensors, base)  # in the engine's buffer: no [K, *param] copy
     if is_task_matrix(tvs[0], param):
         return base + scaling * iso_c_task_matrix(tvs)
     return base + scaling * tvs.mean(0)
@@ -93,7 +93,7 @@ def iso_cts(
     **_,
 ) -> torch.Tensor:
     """Iso-CTS: Iso-C's common subspace plus each task's own directions, all with one flat spectrum."""
-    tvs = task_vectors(tensors, base)
+    tvs = task_vectors_(tensors, base)  # in the engine's buffer: no [K, *param] copy
     if is_task_matrix(tvs[0], param):
         return base + scaling * iso_cts_task_matrix(tvs, common_space_fraction)
     return base + scaling * tvs.mean(0)

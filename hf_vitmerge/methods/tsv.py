@@ -26,7 +26,7 @@ from pydantic import Field
 from ..arch import ParamInfo
 from ._subspace import is_task_matrix, svd_merge, top_singular
 from .registry import Grid, merge_method
-from .task_arithmetic import task_vectors
+from .task_arithmetic import task_vectors_
 
 # alpha: the paper uses 1.0; its code searches 0.1 .. 3.0 on validation data.
 Alpha = Annotated[float, Field(ge=0), Grid(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)]
@@ -56,7 +56,7 @@ def tsv(
     ``scaling`` (alpha) multiplies the merged task vector (paper: 1.0). ``keep``: the fraction
     of each task matrix's rank kept (default ``1/K``, the paper's choice).
     """
-    tvs = task_vectors(tensors, base)
+    tvs = task_vectors_(tensors, base)  # in the engine's buffer: no [K, *param] copy
     if is_task_matrix(tvs[0], param):
         return base + scaling * tsv_task_matrix(tvs, keep)
     return base + scaling * tvs.mean(0)

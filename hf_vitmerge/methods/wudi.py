@@ -34,7 +34,7 @@ from pydantic import Field
 from ..arch import ParamInfo
 from ._subspace import is_task_matrix
 from .registry import Grid, merge_method
-from .task_arithmetic import task_vectors
+from .task_arithmetic import task_vectors_
 
 
 def interference_terms(task_mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +86,7 @@ def wudi(
     step size (reference: 1e-5, for CLIP-sized task vectors) or, by default, ``lr_scale`` times
     the RMS entry of the summed task matrix. ``scaling`` multiplies the result (reference: 1).
     """
-    tvs = task_vectors(tensors, base)
+    tvs = task_vectors_(tensors, base)  # in the engine's buffer: no [K, *param] copy
     if is_task_matrix(tvs[0], param):
         return base + scaling * wudi_task_matrix(tvs, steps, lr, lr_scale)
     return base + scaling * tvs.mean(0)
