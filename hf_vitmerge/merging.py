@@ -81,8 +81,9 @@ def prepare(config: MergeConfig | dict | str, quiet: bool = False) -> MergeConte
     for i, entry in enumerate(config.models):
         if entry.data is not None:
             check_data_path(entry.data.path, f"models.{i}.data.path")
-    # a tensorwise merge reads every input tensor once and checks it for NaN/inf as it does;
-    # other methods have their weights checked here, before any work
+    # a tensorwise merge checks what it produces (a NaN/inf in a merged tensor names the input it
+    # came from, see MergeContext.run_tensorwise), so its inputs are read once; other methods have
+    # their weights checked here, before any work
     check = not _streams_every_tensor(config)
     sources = [resolve_model(m.model, m.revision, check_finite=check) for m in config.models]
     base = (
@@ -107,8 +108,9 @@ def prepare(config: MergeConfig | dict | str, quiet: bool = False) -> MergeConte
 
 
 def _streams_every_tensor(config: MergeConfig) -> bool:
-    """Whether the merge reads its inputs only through the streaming engine (which checks every
-    tensor it reads, and reads them all: backbone and classifiers)."""
+    """Whether the merge reads its inputs only through the streaming engine, which checks every
+    merged tensor for NaN/inf and names the input behind one (classifiers it does not merge are
+    checked as they are read)."""
     return config.groups is None and get_method(config.method).kind == "tensorwise"
 
 

@@ -1,7 +1,8 @@
 """Streaming activation statistics for alignment merging (ZipIt!, MuDSC, permutation) and RegMean.
 
 Statistics are float64 running sums — ``count``, ``sum`` of features and ``outer`` (sum of
-``f f^T``) — so no activation is ever kept beyond one batch, batches can be sharded over
+``f f^T``) — so no activation is kept beyond a few batches (at most :data:`GATHER_BYTES` of
+rows per point, gathered for fewer and larger products), batches can be sharded over
 processes (the sums are all-reduced) and results can be cached on disk. Each batch's product
 ``F^T F`` is computed in float32 (a GEMM over at most :data:`PRODUCT_ROWS` rows) and added to
 the float64 total, on CPU and CUDA alike (TF32 off): the relative error against an all-float64

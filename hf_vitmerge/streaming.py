@@ -8,9 +8,9 @@ costs one system call per tensor and touches each byte once. Keys are visited in
 of their bytes in the first input's files, so every file is read front to back.
 
 ``.bin`` checkpoints and tensors stored in another dtype go through a fallback (read, then
-cast into the buffer). Each tensor is checked for NaN and infinity as it is read (one reduction
-over data already in cache), so the engine's inputs need no separate validation pass
-(``resolve_model(..., check_finite=False)``).
+cast into the buffer). By default each tensor is checked for NaN and infinity as it is read (one
+reduction over data already in cache); the merge engine turns that off and checks what it merges
+instead (1/K of the data; ``MergeContext.run_tensorwise``).
 """
 
 from __future__ import annotations

@@ -77,9 +77,9 @@ def _dropped_task_vectors(
     width = min(_CHUNK, n)
     levels = round(drop_rate * _LEVELS)
     bits = _DropBits(generator) if levels else None
-    scratch = torch.empty(width, dtype=flat.dtype)
+    scratch = torch.empty(width, dtype=flat.dtype, device=flat.device)
     keep = np.empty(width, dtype=np.float32)
-    total = torch.zeros(n, dtype=flat.dtype) if accumulate else None
+    total = torch.zeros(n, dtype=flat.dtype, device=flat.device) if accumulate else None
     for k in range(num):
         for start in range(0, n, width):
             stop = min(start + width, n)
@@ -88,7 +88,7 @@ def _dropped_task_vectors(
             if bits is not None:
                 mask = keep[: stop - start]
                 np.greater_equal(bits.take(stop - start), levels, out=mask, casting="unsafe")
-                t.mul_(torch.from_numpy(mask))
+                t.mul_(torch.from_numpy(mask).to(t.device))
             if total is not None:
                 total[start:stop].add_(t)
             else:
