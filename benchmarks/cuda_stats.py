@@ -1,7 +1,7 @@
 """Activation statistics on an accelerator: accuracy of the float32-product scheme and its speed.
 
-Two random ViTs (``--arch base``: ViT-B/16, 224 px; ``tiny``: the zoo's digits shape, for a smoke
-test on CPU) see the same random pixel batches, already on the device, so that only the forward
+Two random ViTs of the zoo's digits architecture (``hf_vitmerge.zoo.builder.SIZES``; ``--arch
+base``: ViT-B/16, 224 px; ``tiny``: 16 px, for a smoke test on CPU) see the same random pixel batches, already on the device, so that only the forward
 passes and the statistics are timed (no image decoding). For each collection
 
 * ``joint``: both models, the alignment points (``residual, qk, vo, mlp``; ``D = 2 d``);
@@ -22,25 +22,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-ARCHS = {
-    "base": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        image_size=224,
-        patch_size=16,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=128,
-        image_size=16,
-        patch_size=4,
-    ),
-}
 
 
 def _collect(models, adapters, points, batches, device, product_dtype):
@@ -81,7 +62,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--arch", default="base", choices=sorted(ARCHS))
+    parser.add_argument("--arch", default="base", choices=["tiny", "small", "base"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -89,14 +70,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     from hf_vitmerge.arch import ViTAdapter
     from hf_vitmerge.methods.regmean import regmean_points
     from hf_vitmerge.stats import statistics_points
+    from hf_vitmerge.zoo.builder import SIZES
 
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 forward passes, as on CPU
-    cfg = ViTConfig(**ARCHS[args.arch], num_labels=10)
+    cfg = SIZES[args.arch].archs["digits"].config([str(i) for i in range(10)])
     models = []
     for seed in range(2):
         torch.manual_seed(seed)
