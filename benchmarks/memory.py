@@ -144,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
             from hf_vitmerge.streaming import StackBuffers, StreamReader, file_order
 
             sources = [resolve_model(m, check_finite=False) for m in [args.base, *models]]
-            readers = [StreamReader(s, check_finite=False) for s in sources]
+            readers = [StreamReader(s) for s in sources]
             buffers = StackBuffers(len(readers))
             keep = {}
             for key in file_order(sources[0].adapter.keys, readers[0]):

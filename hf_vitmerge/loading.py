@@ -178,9 +178,9 @@ def resolve_model(
 ) -> ModelSource:
     """Find a model folder locally or on the Hub (or in the HF cache) and validate it.
 
-    ``check_finite=False`` skips reading every weight to refuse NaN or infinite values: for
-    callers that read every tensor anyway and check it then (the streaming merge engine,
-    :class:`hf_vitmerge.streaming.StreamReader`), so that no input is read twice."""
+    ``check_finite=False`` skips reading every weight to refuse NaN or infinite values: for the
+    tensorwise merge engine, which checks every tensor it merges and names the input behind a
+    non-finite one (``MergeContext.run_tensorwise``), so that no input is read twice."""
     from transformers import AutoConfig
 
     ref_str = str(ref)

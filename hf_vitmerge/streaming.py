@@ -8,9 +8,8 @@ costs one system call per tensor and touches each byte once. Keys are visited in
 of their bytes in the first input's files, so every file is read front to back.
 
 ``.bin`` checkpoints and tensors stored in another dtype go through a fallback (read, then
-cast into the buffer). By default each tensor is checked for NaN and infinity as it is read (one
-reduction over data already in cache); the merge engine turns that off and checks what it merges
-instead (1/K of the data; ``MergeContext.run_tensorwise``).
+cast into the buffer). Nothing here checks values: the merge engine checks what it merges for
+NaN and infinity (1/K of the data; ``MergeContext.run_tensorwise``).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import ModelSource, require_finite
+from .loading import ModelSource
 
 _DTYPES = {
     "F32": torch.float32,
@@ -44,14 +43,10 @@ def _header(path: Path) -> tuple[int, dict]:
 
 class StreamReader:
     """Canonical tensors of one model, read with ``os.preadv`` into buffers the caller owns.
-    Several threads may read from one reader at once.
+    Several threads may read from one reader at once."""
 
-    With ``check_finite`` (the default) a tensor holding NaN or infinity raises
-    :class:`~hf_vitmerge.errors.ModelLoadError` naming the model and tensor."""
-
-    def __init__(self, source: ModelSource, check_finite: bool = True):
+    def __init__(self, source: ModelSource):
         self.source = source
-        self.check_finite = check_finite
         self._lock = threading.Lock()
         self._reader = source.tensors()  # canonical key -> (file, key in file); fallback reads
         self._fds: dict[Path, int] = {}
@@ -90,8 +85,6 @@ class StreamReader:
             out.copy_(tensor.reshape(out.shape))
         else:
             self._pread(key, file, entry, data_start, out)
-        if self.check_finite:
-            require_finite(self.source, self._reader.file_key(key), out)
         return out
 
     def _pread(self, key: str, file: Path, entry: dict, data_start: int, out: torch.Tensor) -> None:

@@ -128,8 +128,8 @@ class MergeContext:
         not finite, its inputs are read again, checked, and the bad one is named
         (``ModelLoadError``), so no second pass over every input is needed (``prepare`` skips it).
         """
-        readers = [StreamReader(s, check_finite=False) for s in self.sources]
-        base_reader = StreamReader(self.base, check_finite=False) if self.base is not None else None
+        readers = [StreamReader(s) for s in self.sources]
+        base_reader = StreamReader(self.base) if self.base is not None else None
         weights = [m.weight for m in self.config.models]
         if (
             any(w is not None for w in weights)
@@ -164,7 +164,7 @@ class MergeContext:
                     **params,
                 )
                 if not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all()):
-                    _refuse_nonfinite(spec.name, key, self.sources, self.base, shapes[key])
+                    _refuse_nonfinite(spec.name, key, self.sources, self.base)
                 merged = merged.clone() if buffers.owns(merged) else _compact(merged)
             finally:
                 free.put(buffers)
@@ -239,14 +239,14 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def _refuse_nonfinite(
-    method: str, key: str, sources: Sequence[ModelSource], base: ModelSource | None, shape
+    method: str, key: str, sources: Sequence[ModelSource], base: ModelSource | None
 ) -> None:
     """Name the input whose NaN/inf reached the merged tensor ``key`` (reading it again, checked)."""
     for source in [*sources, *([base] if base is not None else [])]:
-        reader = StreamReader(source, check_finite=True)
+        reader = source.tensors()
         try:
             if key in reader:
-                reader.read_into(key, torch.empty(shape, dtype=torch.float32))  # raises ModelLoadError
+                require_finite(source, reader.file_key(key), reader.get(key))  # raises ModelLoadError
         finally:
             reader.close()
     raise HFVitMergeError(
