@@ -31,6 +31,16 @@ _LEVELS = 1 << 16  # drop decisions compare 16 random bits with round(drop_rate 
 _CHUNK = 1 << 19  # entries per chunk of one task vector (2 MB: long enough ops for two engine threads)
 
 
+def _drop_levels(drop_rate: float) -> int:
+    """How many of the 2**16 values of a drop decision drop the entry."""
+    return round(drop_rate * _LEVELS)
+
+
+def _rescale(drop_rate: float) -> float:
+    """The survivors' factor: the inverse of the exact survival probability."""
+    return _LEVELS / (_LEVELS - _drop_levels(drop_rate))
+
+
 class _DropBits:
     """The 16-bit random values that decide DARE's drops, one per entry of the flattened
     ``[K, *shape]`` stack in order, from numpy's SFC64 generator seeded from ``generator``. Drawn
@@ -59,10 +69,9 @@ def _keep_mask(shape: torch.Size, drop_rate: float, generator: torch.Generator) 
     numel = 1
     for s in shape:
         numel *= s
-    levels = round(drop_rate * _LEVELS)
     keep = np.empty(numel, dtype=np.float32)
-    np.greater_equal(_DropBits(generator).take(numel), levels, out=keep, casting="unsafe")
-    return torch.from_numpy(keep).reshape(shape), _LEVELS / (_LEVELS - levels)
+    np.greater_equal(_DropBits(generator).take(numel), _drop_levels(drop_rate), out=keep, casting="unsafe")
+    return torch.from_numpy(keep).reshape(shape), _rescale(drop_rate)
 
 
 def _dropped_task_vectors(
@@ -75,7 +84,7 @@ def _dropped_task_vectors(
     flat, base_flat = stack.reshape(num, -1), base.reshape(-1)
     n = flat.shape[1]
     width = min(_CHUNK, n)
-    levels = round(drop_rate * _LEVELS)
+    levels = _drop_levels(drop_rate)
     bits = _DropBits(generator) if levels else None
     scratch = torch.empty(width, dtype=flat.dtype, device=flat.device)
     keep = np.empty(width, dtype=np.float32)
@@ -99,7 +108,7 @@ def _dropped_task_vectors(
 def _check_drop_rate(drop_rate: float) -> None:
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"dare: drop_rate must be in [0, 1), got {drop_rate}")
-    if round(drop_rate * _LEVELS) >= _LEVELS:
+    if _drop_levels(drop_rate) >= _LEVELS:
         raise ValueError(f"dare: drop_rate {drop_rate} is too close to 1 (resolution 2**-16)")
 
 
@@ -143,7 +152,7 @@ def dare(
     lam = _DEFAULT_SCALING[combine] if scaling is None else float(scaling)
     # the rescaling is a positive constant: it commutes with the sum and with every TIES step
     # (magnitude ranks, signs, disjoint mean), so it is folded into lambda
-    lam *= _LEVELS / (_LEVELS - round(drop_rate * _LEVELS))
+    lam *= _rescale(drop_rate)
     inputs = stacked(tensors)
     if combine == "task_arithmetic":
         total = _dropped_task_vectors(inputs, base, drop_rate, generator, accumulate=True)
