@@ -32,6 +32,15 @@ def models(tmp_path_factory):
     return root
 
 
+def _config(models, method: str) -> dict:
+    """A merge of the three fixture models onto their base."""
+    return {
+        "method": method,
+        "base_model": str(models / "base"),
+        "models": [{"model": str(models / f"m{i}")} for i in range(3)],
+    }
+
+
 def test_reader_reads_every_tensor_exactly_in_file_order(models):
     source = resolve_model(models / "m0")
     reader = StreamReader(source)
@@ -50,14 +59,7 @@ def test_reader_reads_every_tensor_exactly_in_file_order(models):
 
 
 def test_sink_and_dict_modes_agree_and_methods_get_a_stack(models):
-    ctx = prepare(
-        {
-            "method": "ties",
-            "base_model": str(models / "base"),
-            "models": [{"model": str(models / f"m{i}")} for i in range(3)],
-        },
-        quiet=True,
-    )
+    ctx = prepare(_config(models, "ties"), quiet=True)
     spec = get_method("ties")
     params = spec.validate_params({"density": 0.5})
     keys = ctx.adapter.backbone_keys
@@ -131,15 +133,10 @@ def test_memory_benchmark_rejects_unknown_methods():
 def test_engine_threads_do_not_change_the_result(models, monkeypatch, method, params):
     """Several engine threads read and merge tensors in any order; each key's random generator is
     seeded from the key, so one thread and four give bit-identical merges."""
-    config = {
-        "method": method,
-        "base_model": str(models / "base"),
-        "models": [{"model": str(models / f"m{i}")} for i in range(3)],
-    }
     results = []
     for threads in ("1", "4"):
         monkeypatch.setenv("HF_VITMERGE_MERGE_THREADS", threads)
-        ctx = prepare(config, quiet=True)
+        ctx = prepare(_config(models, method), quiet=True)
         spec = get_method(method)
         results.append(ctx.run_tensorwise(spec, spec.validate_params(params), ctx.adapter.backbone_keys))
     assert results[0].keys() == results[1].keys()
@@ -153,14 +150,7 @@ def test_non_finite_merge_from_finite_inputs_is_reported(models):
     from hf_vitmerge.errors import HFVitMergeError
     from hf_vitmerge.loading import ModelLoadError
 
-    ctx = prepare(
-        {
-            "method": "task_arithmetic",
-            "base_model": str(models / "base"),
-            "models": [{"model": str(models / f"m{i}")} for i in range(3)],
-        },
-        quiet=True,
-    )
+    ctx = prepare(_config(models, "task_arithmetic"), quiet=True)
     spec = get_method("task_arithmetic")
     keys = ctx.adapter.backbone_keys
     with pytest.raises(
