@@ -3,7 +3,7 @@
 passes at batch 64 over the suite's test images, in task-homogeneous batches (as the bench) and in
 shuffled batches mixing every task (the worst case for grouped routing).
 
-    python benchmarks/throughput.py SUITE.json --method gated --repeats 3
+    python benchmarks/routed_throughput.py SUITE.json --method gated --repeats 3
 """
 
 from __future__ import annotations

@@ -419,7 +419,7 @@ def _run_one(config: MergeConfig, suite: Suite, *, device: str, quiet: bool) -> 
         model, suite, processor=ctx.sources[0].image_processor(), device=device, quiet=quiet
     )
     stats_s = info.get("stats_seconds", 0.0)
-    return {
+    run = {
         "seed": config.seed,
         "params": _effective_params(ctx.config),
         **{k: scores[k] for k in _ACCURACY_FIELDS},
@@ -433,6 +433,9 @@ def _run_one(config: MergeConfig, suite: Suite, *, device: str, quiet: bool) -> 
             "model_class": type(model).__name__,
         },
     }
+    if "auto" in info:  # the `auto` search of this seed: candidates and their validation scores
+        run["auto"] = info["auto"]
+    return run
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -464,7 +467,11 @@ def aggregate_seeds(method: str, runs: list[dict], *, with_seeds: bool = True) -
     result["throughput_img_s"] = round(statistics.fmean(rates), 1) if None not in rates else None
     result["info"] = runs[0]["info"]
     result["per_seed"] = [
-        {k: r[k] for k in ("seed", "params", *_ACCURACY_FIELDS, "merge_seconds", "stats_seconds")}
+        {
+            k: r[k]
+            for k in ("seed", "params", *_ACCURACY_FIELDS, "merge_seconds", "stats_seconds", "auto")
+            if k in r
+        }
         for r in runs
     ]
     return result

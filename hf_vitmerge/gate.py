@@ -23,6 +23,7 @@ index of the source dataset. Deviations from the released code (github.com/harve
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,6 +232,12 @@ def load_gate(path: str | Path, task_names: Sequence[str]) -> TaskGate:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise InputError(f"gated: `gate: {path}` is not a folder holding a saved TaskGate (config.json)")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != TaskGateConfig.model_type:
+        raise InputError(
+            f"gated: `gate: {path}` holds a {model_type!r} model, not a saved router ({TaskGateConfig.model_type!r}). "
+            "Save a routed model's router with `model.gate.save_pretrained(folder)` and pass that folder."
+        )
     gate = TaskGate.from_pretrained(folder)
     if list(gate.config.task_names) != list(task_names):
         raise InputError(
@@ -266,13 +273,30 @@ _GATE_FIELDS = ("task_names", "kind", "num_channels", "channels", "pool_size", "
 
 
 def router_config(
-    ctx, *, kind: str, gate: str | None, channels: Sequence[int] | None, hidden: int | None, method: str
+    ctx,
+    *,
+    kind: str,
+    gate: str | None,
+    channels: Sequence[int] | None,
+    hidden: int | None,
+    method: str,
+    passes: int = 1,
 ) -> dict:
-    """The ``gate_config`` of a routed model: from a saved router, or for a router about to be trained."""
+    """The ``gate_config`` of a routed model: from a saved router, or for a router about to be trained.
+
+    A features router reads the CLS and mean patch token of ``passes`` backbone passes.
+    """
     from .modeling.gated import GATE_KINDS
 
+    in_features = 2 * ctx.adapter.spec.hidden_size * passes
     if gate is not None:
         c = load_gate(gate, ctx.task_names).config
+        if c.kind == "features" and c.in_features != in_features:
+            raise ValueError(
+                f"{method}: the router in {gate!r} reads {c.in_features} features, but this merge's router reads "
+                f"{in_features} ({passes} backbone pass(es) of width {ctx.adapter.spec.hidden_size}). Reuse a "
+                "router trained with the same `router_reads`, or train a new one (drop `gate`)."
+            )
         return {f: getattr(c, f) for f in _GATE_FIELDS}
     if kind not in GATE_KINDS:
         raise ValueError(f"{method}: `gate_kind` must be one of {GATE_KINDS}, got {kind!r}")
@@ -281,7 +305,7 @@ def router_config(
         "kind": kind,
         "num_channels": ctx.adapter.spec.num_channels,
         "channels": list(channels or (16, 32, 64)),
-        "in_features": 2 * ctx.adapter.spec.hidden_size if kind == "features" else 0,
+        "in_features": in_features if kind == "features" else 0,
         "hidden": int(hidden or ctx.adapter.spec.hidden_size),
     }
 

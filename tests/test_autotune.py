@@ -80,6 +80,10 @@ def test_auto_is_recorded_in_config_card_and_bench(micro_suite, tmp_path):
     assert report["results"][0]["method"] == "task_arithmetic"
     for run_ in result["per_seed"]:
         assert isinstance(run_["params"]["scaling"], float)
+        # each seed's search is kept: the chosen value is the best-scoring candidate
+        trials = run_["auto"]["trials"]
+        assert len(trials) > 1 and run_["auto"]["chosen"]["scaling"] == run_["params"]["scaling"]
+        assert max(trials, key=lambda t: t["score"])["scaling"] == run_["params"]["scaling"]
     assert isinstance(result["params"]["scaling"], float)
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from hf_vitmerge import merge
 from hf_vitmerge.arch import ViTAdapter
+from hf_vitmerge.errors import InputError
 from hf_vitmerge.gate import train_gate, trainer_arguments
 from hf_vitmerge.methods.gated import dynamic_keys, least_similar, mean_pairwise_cosine, resolve_m
 
@@ -381,6 +382,55 @@ def test_no_base_falls_back_to_a_base_free_static_method(zoo):
     model = merge(config, quiet=True)
     assert model.merge_info["static_method"] == "average"
     assert "No base model" in model.merge_info["static_note"]
+
+
+def _own_features(entry, pixels, layers: int) -> torch.Tensor:
+    """CLS and mean patch token of an input model's own LayerNorm-ed states after ``layers`` blocks."""
+    from transformers import ViTForImageClassification
+
+    vit = ViTForImageClassification.from_pretrained(entry["model"]).eval().vit
+    with torch.no_grad():
+        states = vit.layernorm(vit(pixel_values=pixels, output_hidden_states=True).hidden_states[layers])
+    return torch.cat([states[:, 0], states[:, 1:].mean(1)], dim=-1)
+
+
+def test_router_reads_the_input_models_without_a_base(zoo, tmp_path):
+    """Without a base model and with every tensor dynamic, the features router reads the input
+    models' own networks (the average of differently initialised models computes nothing
+    useful): every model's when those passes cost at most one forward, else the first's; also
+    after a save and reload. With a base it reads the equally weighted merge."""
+    from transformers import AutoModelForImageClassification
+
+    config = _config(zoo, m="all")
+    del config["base_model"]
+    pixels, _ = _pixels(zoo)
+    model = merge(config, quiet=True)
+    layers = model.config.router_layers
+    # 2 tasks x 1 router block <= 2 blocks: the router reads both models' own networks
+    assert (len(zoo["models"]), layers, LAYERS) == (2, 1, 2) and model.merge_info["router_reads"] == "every"
+    expected = torch.cat([_own_features(entry, pixels, layers) for entry in zoo["models"]], dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.router_features(pixels), expected, atol=1e-5, rtol=0)
+        model.save_pretrained(tmp_path / "gated")
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "gated").eval()
+        torch.testing.assert_close(reloaded.router_features(pixels), expected, atol=1e-5, rtol=0)
+
+    first = merge({**config, "parameters": {**config["parameters"], "router_reads": "first"}}, quiet=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            first.router_features(pixels), _own_features(zoo["models"][0], pixels, layers), atol=1e-5, rtol=0
+        )
+    reuse = {**config["parameters"], "router_reads": "first", "gate": str(tmp_path / "gated")}
+    with pytest.raises(InputError, match="not a saved router"):  # a whole routed model is not a router
+        merge({**config, "parameters": reuse}, quiet=True)
+    model.gate.save_pretrained(tmp_path / "router")  # trained on 2 passes: cannot read one
+    with pytest.raises(ValueError, match="reads .* features"):
+        merge({**config, "parameters": {**reuse, "gate": str(tmp_path / "router")}}, quiet=True)
+
+    with_base = merge(_config(zoo, m="all"), quiet=True)
+    assert with_base.merge_info["router_reads"] == "merged" and with_base.config.router_task_weights is None
+    with pytest.raises(ValueError, match="router_reads"):
+        merge(_config(zoo, m="all", router_reads="middle"), quiet=True)
 
 
 @pytest.mark.slow

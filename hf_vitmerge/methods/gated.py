@@ -229,6 +229,7 @@ def gated(
     gate: str | None = None,
     gate_kind: str = "features",
     router_layers: int | None = None,
+    router_reads: str = "auto",
     gate_hidden: int | None = None,
     gate_samples_per_task: int = 512,
     gate_validation_fraction: float = 0.1,
@@ -249,6 +250,12 @@ def gated(
     ``gate_validation_fraction`` of them held back. ``gate_kind``: features (a head with
     ``gate_hidden`` units (default: the ViT's width) on the CLS and mean patch token of the equally weighted merged ViT
     after ``router_layers`` blocks; null: a quarter of them, at least one) | cnn (a CNN of ``gate_channels``).
+    ``router_reads``: which backbone the features router reads: merged (every task weighted
+    equally; one pass) | first (the first input model's own tensors; one pass) | every (each
+    input model's own tensors; K passes, features concatenated) | auto: merged with a base
+    model or static tensors; otherwise (the inputs may be differently initialised, and their
+    average computes no useful features) every when its K passes cost at most one forward pass
+    (K x ``router_layers`` <= the number of blocks), else first.
     ``trainer``: overrides for ``transformers.TrainingArguments``.
     """
     from ..gate import router_config
@@ -266,14 +273,27 @@ def gated(
     static_keys = [k for k in adapter.backbone_keys if k not in set(dyn)]
     static_name = resolve_static_method(ctx, static_method)
     static = static_backbone(ctx, static_name, static_parameters, static_keys)
+    reads = resolve_router_reads(ctx, router_reads, has_static=bool(static_keys), router_layers=router_layers)
+    passes = {"merged": None, "first": [0], "every": list(range(num_tasks))}[reads]
 
     model = _build_model(
         ctx,
         dyn,
         static,
-        dict(granularity=granularity, routing_top_k=top_k, router_layers=router_layers),
+        dict(
+            granularity=granularity,
+            routing_top_k=top_k,
+            router_layers=router_layers,
+            router_task_weights=None if passes is None else [one_hot(k, num_tasks) for k in passes],
+        ),
         router_config(
-            ctx, kind=gate_kind, gate=gate, channels=gate_channels, hidden=gate_hidden, method="gated"
+            ctx,
+            kind=gate_kind,
+            gate=gate,
+            channels=gate_channels,
+            hidden=gate_hidden,
+            method="gated",
+            passes=1 if passes is None else len(passes),
         ),
     )
     model.eval()
@@ -288,9 +308,33 @@ def gated(
         )
     info.update(
         _facts(ctx, model, sims, blocks, dyn, static_name if static_keys else None, start)
-        | {"m": m, "granularity": granularity, "similarity_on": similarity_on, "router_layers": router_layers}
+        | {
+            "m": m,
+            "granularity": granularity,
+            "similarity_on": similarity_on,
+            "router_layers": router_layers,
+            "router_reads": reads if gate_kind == "features" else "image (cnn)",
+        }
     )
     return MergeResult(model=model, info=info)
+
+
+ROUTER_READS = ("auto", "merged", "first", "every")
+
+
+def resolve_router_reads(ctx, router_reads: str, *, has_static: bool, router_layers: int) -> str:
+    """``merged``, ``first`` or ``every``: the backbones the features router reads (see :func:`gated`)."""
+    if router_reads not in ROUTER_READS:
+        raise ValueError(f"gated: `router_reads` must be one of {ROUTER_READS}, got {router_reads!r}")
+    if router_reads != "auto":
+        return router_reads
+    if ctx.base is not None or has_static:
+        return "merged"
+    return "every" if len(ctx.sources) * router_layers <= ctx.adapter.spec.num_layers else "first"
+
+
+def one_hot(k: int, n: int) -> list[float]:
+    return [1.0 if i == k else 0.0 for i in range(n)]
 
 
 def default_router_layers(router_layers, num_layers: int) -> int:

@@ -11,9 +11,12 @@ the *static* tensors (from any static merge) and K copies of only the *dynamic* 
 The router (``TaskGate``) is one of two kinds (``gate_config["kind"]``):
 
 * ``"features"`` (default): a small head on the backbone's own features. The backbone is run
-  with every task weighted equally (the static merge plus the mean of the dynamic tensors),
-  for its first ``config.router_layers`` blocks (all when ``None``); the head reads the
-  LayerNorm-ed CLS token and the mean patch token.
+  for its first ``config.router_layers`` blocks (all when ``None``) once per row of task
+  weights in ``config.router_task_weights`` (``None``: one pass with every task weighted
+  equally, i.e. the static merge plus the mean of the dynamic tensors; one-hot rows: input
+  models' own tensors, for inputs of different initialisations, whose average computes no
+  useful features); the head reads the LayerNorm-ed CLS token and the mean patch token of
+  every pass, concatenated.
 * ``"cnn"``: a small CNN on the preprocessed image (the earlier gate).
 
 This file is self-contained (it imports only torch and transformers) because
@@ -166,6 +169,7 @@ class GatedViTConfig(ViTConfig):
         granularity: str = "hard",
         routing_top_k: int = 2,
         router_layers: int | None = None,
+        router_task_weights: list[list[float]] | None = None,
         shared_labels: bool = False,
         gate_config: dict | None = None,
         **kwargs,
@@ -179,6 +183,9 @@ class GatedViTConfig(ViTConfig):
         self.granularity = granularity
         self.routing_top_k = int(routing_top_k)
         self.router_layers = None if router_layers is None else int(router_layers)
+        self.router_task_weights = (
+            None if router_task_weights is None else [[float(w) for w in row] for row in router_task_weights]
+        )
         self.shared_labels = bool(shared_labels)
         self.gate_config = dict(gate_config or {"task_names": self.task_names})
 
@@ -269,23 +276,25 @@ class RoutedViTBase(PreTrainedModel):
     def task_params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def _uniform_params(self, device) -> dict[str, torch.Tensor]:
-        """``task_params`` with every task weighted equally, cached until a parameter changes."""
+    def _router_params(self, device) -> list[dict[str, torch.Tensor]]:
+        """``task_params`` of each router pass, cached until a parameter changes."""
         versions = tuple(p._version for p in self.parameters()) + tuple(b._version for b in self.buffers())
-        cached = getattr(self, "_uniform_cache", None)
+        cached = getattr(self, "_router_cache", None)
         if self.training or torch.is_grad_enabled() or cached is None or cached[0] != versions:
-            uniform = torch.full((self.num_tasks,), 1.0 / self.num_tasks, device=device)
-            params = self.task_params(uniform)
+            rows = self.config.router_task_weights or [[1.0 / self.num_tasks] * self.num_tasks]
+            params = [self.task_params(torch.tensor(row, dtype=torch.float32, device=device)) for row in rows]
             if self.training or torch.is_grad_enabled():
                 return params
-            self._uniform_cache = cached = (versions, params)
+            self._router_cache = cached = (versions, params)
         return cached[1]
 
     def router_features(self, pixel_values) -> torch.Tensor:
-        """CLS and mean patch token of the equally weighted backbone (the features gate's input)."""
-        params = self._uniform_params(pixel_values.device)
-        states = run_backbone(self.vit, pixel_values, params, self.config.router_layers)
-        return torch.cat([states[:, 0], states[:, 1:].mean(1)], dim=-1)
+        """CLS and mean patch token of every router pass, concatenated (the features gate's input)."""
+        features = []
+        for params in self._router_params(pixel_values.device):
+            states = run_backbone(self.vit, pixel_values, params, self.config.router_layers)
+            features += [states[:, 0], states[:, 1:].mean(1)]
+        return torch.cat(features, dim=-1)
 
     def route(self, pixel_values) -> torch.Tensor:
         """The router's logits ``[batch, K]``."""

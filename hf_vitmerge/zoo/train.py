@@ -26,6 +26,8 @@ from transformers import (
     set_seed,
 )
 
+from ..methods.base import intra_op_threads
+
 #: The normalisation every zoo model uses (pixels in [-1, 1]).
 IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.5, 0.5, 0.5]
@@ -134,15 +136,13 @@ def deterministic_torch(num_threads: int = 1) -> Iterator[None]:
 
     One thread by default: on a shared 2-core machine, two intra-op threads are often ten times slower.
     """
-    old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(max(1, min(num_threads, old_threads)))
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det)
+    with intra_op_threads(max(1, min(num_threads, torch.get_num_threads()))):
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(old_det)
 
 
 def new_model(arch: ArchSpec, labels: Sequence[str], seed: int) -> ViTForImageClassification:
