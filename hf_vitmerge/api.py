@@ -355,6 +355,10 @@ def parse_methods(text: str) -> list[tuple[str, dict]]:
             if "=" not in kv:
                 raise InputError(f"method {item!r}: parameter {kv!r} must be key=value")
             k, v = kv.split("=", 1)
+            if re.search(r",\s*[A-Za-z_]\w*\s*=", v):
+                raise InputError(
+                    f"method {item!r}: separate parameters with ';', not ',' (e.g. {m.group(1)}[a=1;b=2])"
+                )
             params[k.strip()] = yaml.safe_load(v)
         out.append((m.group(1), params))
     return out

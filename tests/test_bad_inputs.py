@@ -209,6 +209,21 @@ def test_bench_unknown_method_fails_before_any_merge(micro_suite, tmp_path, caps
     assert code == 2 and "nosuch" in err and not (tmp_path / "b.json").exists()
 
 
+def test_bench_method_parameters_separated_by_commas_are_refused(micro_suite, tmp_path, capsys):
+    """`gated[m=2,static_method=average]` would give `m` the value '2,static_method=average'; the
+    spec is refused up front with the separator to use."""
+    code, err = cli(
+        capsys,
+        "bench",
+        micro_suite,
+        "--methods",
+        "ties[density=0.2,scaling=1]",
+        "--json",
+        tmp_path / "b.json",
+    )
+    assert code == 2 and "separate parameters with ';'" in err and not (tmp_path / "b.json").exists()
+
+
 def test_read_only_outputs_fail_before_the_work(
     pair, micro_suite, tmp_path, capsys, readonly_dir, monkeypatch
 ):
