@@ -250,16 +250,10 @@ def gated(
     ``gate_validation_fraction`` of them held back. ``gate_kind``: features (a head with
     ``gate_hidden`` units (default: the ViT's width) on the CLS and mean patch token of the equally weighted merged ViT
     after ``router_layers`` blocks; null: a quarter of them, at least one) | cnn (a CNN of ``gate_channels``).
-    ``router_reads``: which backbone the features router reads: merged (every task weighted
-    equally; one pass) | first (the first input model's own tensors; one pass) | every (each
-    input model's own tensors; K passes, features concatenated) | auto: merged with a base
-    model or static tensors; otherwise (the inputs may be differently initialised, and their
-    average computes no useful features) every when its K passes cost at most one forward pass
-    (K x ``router_layers`` <= the number of blocks), else first.
+    ``router_reads``: auto | merged | first | every, the backbones the features router reads
+    (:func:`resolve_router_reads`).
     ``trainer``: overrides for ``transformers.TrainingArguments``.
     """
-    from ..gate import router_config
-
     adapter = ctx.adapter
     num_layers = adapter.spec.num_layers
     num_tasks = len(ctx.sources)
@@ -271,31 +265,19 @@ def gated(
     blocks = {kind: least_similar(sims[kind], m) for kind in BLOCK_KINDS}
     dyn = dynamic_keys(adapter, blocks, patch_embedding=dynamic_patch_embedding)
     static_keys = [k for k in adapter.backbone_keys if k not in set(dyn)]
+    reads = resolve_router_reads(ctx, router_reads, has_static=bool(static_keys), router_layers=router_layers)
     static_name = resolve_static_method(ctx, static_method)
     static = static_backbone(ctx, static_name, static_parameters, static_keys)
-    reads = resolve_router_reads(ctx, router_reads, has_static=bool(static_keys), router_layers=router_layers)
-    passes = {"merged": None, "first": [0], "every": list(range(num_tasks))}[reads]
-
-    model = _build_model(
-        ctx,
-        dyn,
-        static,
-        dict(
-            granularity=granularity,
-            routing_top_k=top_k,
-            router_layers=router_layers,
-            router_task_weights=None if passes is None else [one_hot(k, num_tasks) for k in passes],
-        ),
-        router_config(
-            ctx,
-            kind=gate_kind,
-            gate=gate,
-            channels=gate_channels,
-            hidden=gate_hidden,
-            method="gated",
-            passes=1 if passes is None else len(passes),
-        ),
+    task_weights, gate_config = _router_setup(
+        ctx, reads, kind=gate_kind, gate=gate, channels=gate_channels, hidden=gate_hidden
     )
+    routing = dict(
+        granularity=granularity,
+        routing_top_k=top_k,
+        router_layers=router_layers,
+        router_task_weights=task_weights,
+    )
+    model = _build_model(ctx, dyn, static, routing, gate_config)
     model.eval()
 
     router_options = dict(
@@ -308,13 +290,8 @@ def gated(
         )
     info.update(
         _facts(ctx, model, sims, blocks, dyn, static_name if static_keys else None, start)
-        | {
-            "m": m,
-            "granularity": granularity,
-            "similarity_on": similarity_on,
-            "router_layers": router_layers,
-            "router_reads": reads if gate_kind == "features" else "image (cnn)",
-        }
+        | {"m": m, "granularity": granularity, "similarity_on": similarity_on, "router_layers": router_layers}
+        | {"router_reads": reads if gate_kind == "features" else "image (cnn)"}
     )
     return MergeResult(model=model, info=info)
 
@@ -323,18 +300,35 @@ ROUTER_READS = ("auto", "merged", "first", "every")
 
 
 def resolve_router_reads(ctx, router_reads: str, *, has_static: bool, router_layers: int) -> str:
-    """``merged``, ``first`` or ``every``: the backbones the features router reads (see :func:`gated`)."""
+    """``merged``, ``first`` or ``every``: the backbones the features router reads.
+
+    merged: every task weighted equally (one pass); first: the first input model's own tensors
+    (one pass); every: each input model's own tensors (K passes, features concatenated). auto:
+    every when its K passes cost at most one forward pass (K x ``router_layers`` <= the number
+    of blocks); otherwise merged with a base model or static tensors, and first without (the
+    inputs may then be differently initialised, and their average computes no useful features).
+    """
     if router_reads not in ROUTER_READS:
         raise ValueError(f"gated: `router_reads` must be one of {ROUTER_READS}, got {router_reads!r}")
     if router_reads != "auto":
         return router_reads
-    if ctx.base is not None or has_static:
-        return "merged"
-    return "every" if len(ctx.sources) * router_layers <= ctx.adapter.spec.num_layers else "first"
+    if len(ctx.sources) * router_layers <= ctx.adapter.spec.num_layers:
+        return "every"
+    return "merged" if ctx.base is not None or has_static else "first"
 
 
 def one_hot(k: int, n: int) -> list[float]:
     return [1.0 if i == k else 0.0 for i in range(n)]
+
+
+def _router_setup(ctx, reads: str, **gate_options) -> tuple[list[list[float]] | None, dict]:
+    """The router's rows of task weights, one per backbone pass (``None``: one equally weighted
+    pass), and its ``gate_config``."""
+    from ..gate import router_config
+
+    n = len(ctx.sources)
+    rows = {"merged": None, "first": [one_hot(0, n)], "every": [one_hot(k, n) for k in range(n)]}[reads]
+    return rows, router_config(ctx, method="gated", passes=len(rows or [None]), **gate_options)
 
 
 def default_router_layers(router_layers, num_layers: int) -> int:
