@@ -397,47 +397,66 @@ def _own_features(entry, pixels, layers: int) -> torch.Tensor:
 
 
 def test_router_reads_the_input_models_without_a_base(zoo, tmp_path):
-    """The features router reads every input model's own network when those passes cost at most
-    one forward (also after a save and reload); past that budget, the first model's without a
-    base (the average of differently initialised models computes nothing useful) and the
-    equally weighted merge with one."""
+    """Without a base model and with every tensor dynamic, the features router reads the first
+    input model's own network (the average of differently initialised models computes nothing
+    useful); `every` reads each model's, also after a save and reload; with a base it reads the
+    equally weighted merge. Here 2 tasks x 1 router block cost a whole pass of the 2-block model,
+    over `auto`'s budget of half a pass for `every`."""
     from transformers import AutoModelForImageClassification
 
     config = _config(zoo, m="all")
     del config["base_model"]
     pixels, _ = _pixels(zoo)
-    model = merge(config, quiet=True)
-    layers = model.config.router_layers
-    # 2 tasks x 1 router block <= 2 blocks: the router reads both models' own networks
-    assert (len(zoo["models"]), layers, LAYERS) == (2, 1, 2) and model.merge_info["router_reads"] == "every"
-    expected = torch.cat([_own_features(entry, pixels, layers) for entry in zoo["models"]], dim=-1)
-    with torch.no_grad():
-        torch.testing.assert_close(model.router_features(pixels), expected, atol=1e-5, rtol=0)
-        model.save_pretrained(tmp_path / "gated")
-        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "gated").eval()
-        torch.testing.assert_close(reloaded.router_features(pixels), expected, atol=1e-5, rtol=0)
-
-    first = merge({**config, "parameters": {**config["parameters"], "router_reads": "first"}}, quiet=True)
+    first = merge(config, quiet=True)
+    layers = first.config.router_layers
+    assert (len(zoo["models"]), layers, LAYERS) == (2, 1, 2) and first.merge_info["router_reads"] == "first"
     with torch.no_grad():
         torch.testing.assert_close(
             first.router_features(pixels), _own_features(zoo["models"][0], pixels, layers), atol=1e-5, rtol=0
         )
-    reuse = {**config["parameters"], "router_reads": "first", "gate": str(tmp_path / "gated")}
+
+    every_params = {**config["parameters"], "router_reads": "every"}
+    every = merge({**config, "parameters": every_params}, quiet=True)
+    expected = torch.cat([_own_features(entry, pixels, layers) for entry in zoo["models"]], dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(every.router_features(pixels), expected, atol=1e-5, rtol=0)
+        every.save_pretrained(tmp_path / "gated")
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "gated").eval()
+        torch.testing.assert_close(reloaded.router_features(pixels), expected, atol=1e-5, rtol=0)
+
+    reuse = {**config["parameters"], "gate": str(tmp_path / "gated")}
     with pytest.raises(InputError, match="not a saved router"):  # a whole routed model is not a router
         merge({**config, "parameters": reuse}, quiet=True)
-    model.gate.save_pretrained(tmp_path / "router")  # trained on 2 passes: cannot read one
+    every.gate.save_pretrained(tmp_path / "router")  # trained on 2 passes: cannot read one
     with pytest.raises(ValueError, match="reads .* features"):
         merge({**config, "parameters": {**reuse, "gate": str(tmp_path / "router")}}, quiet=True)
 
-    # with a base the same budget rule holds; past it (2 tasks x 2 router blocks > 2 blocks) the router
-    # reads the equally weighted merge, and without a base the first model
-    assert merge(_config(zoo, m="all"), quiet=True).merge_info["router_reads"] == "every"
-    with_base = merge(_config(zoo, m="all", router_layers=2), quiet=True)
+    with_base = merge(_config(zoo, m="all"), quiet=True)
     assert with_base.merge_info["router_reads"] == "merged" and with_base.config.router_task_weights is None
-    deep = {**config, "parameters": {**config["parameters"], "router_layers": 2}}
-    assert merge(deep, quiet=True).merge_info["router_reads"] == "first"
     with pytest.raises(ValueError, match="router_reads"):
         merge(_config(zoo, m="all", router_reads="middle"), quiet=True)
+
+
+def test_router_reads_auto_follows_the_cost_budget():
+    """`auto` reads every input model when the K passes cost at most half a forward pass;
+    otherwise the merged backbone, or the first model when there is no base and nothing static."""
+    from types import SimpleNamespace
+
+    from hf_vitmerge.methods.gated import resolve_router_reads
+
+    def reads(k, base, has_static=False, mode="auto"):
+        ctx = SimpleNamespace(
+            sources=[None] * k, base=base, adapter=SimpleNamespace(spec=SimpleNamespace(num_layers=12))
+        )
+        return resolve_router_reads(ctx, mode, has_static=has_static, router_layers=3)
+
+    assert reads(2, None) == reads(2, "base") == "every"  # 2 x 3 blocks = half of 12
+    assert (
+        reads(3, "base") == "merged"
+        and reads(3, None) == "first"
+        and reads(3, None, has_static=True) == "merged"
+    )
+    assert reads(2, None, mode="merged") == "merged" and reads(5, "base", mode="every") == "every"
 
 
 @pytest.mark.slow

@@ -304,15 +304,16 @@ def resolve_router_reads(ctx, router_reads: str, *, has_static: bool, router_lay
 
     merged: every task weighted equally (one pass); first: the first input model's own tensors
     (one pass); every: each input model's own tensors (K passes, features concatenated). auto:
-    every when its K passes cost at most one forward pass (K x ``router_layers`` <= the number
-    of blocks); otherwise merged with a base model or static tensors, and first without (the
-    inputs may then be differently initialised, and their average computes no useful features).
+    every when its K passes cost at most half a forward pass (2 x K x ``router_layers`` <= the
+    number of blocks), so that the routed model keeps at least half one model's throughput;
+    otherwise merged with a base model or static tensors, and first without (the inputs may then
+    be differently initialised, and their average computes no useful features).
     """
     if router_reads not in ROUTER_READS:
         raise ValueError(f"gated: `router_reads` must be one of {ROUTER_READS}, got {router_reads!r}")
     if router_reads != "auto":
         return router_reads
-    if len(ctx.sources) * router_layers <= ctx.adapter.spec.num_layers:
+    if 2 * len(ctx.sources) * router_layers <= ctx.adapter.spec.num_layers:
         return "every"
     return "merged" if ctx.base is not None or has_static else "first"
 
