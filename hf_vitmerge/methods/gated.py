@@ -248,7 +248,7 @@ def gated(
     ``gate``: folder of a trained router to reuse; otherwise one is trained with
     ``transformers.Trainer`` on ``gate_samples_per_task`` train images per task,
     ``gate_validation_fraction`` of them held back. ``gate_kind``: features (a head with
-    ``gate_hidden`` units (default: the ViT's width) on the CLS and mean patch token of the equally weighted merged ViT
+    ``gate_hidden`` units (default: the ViT's width) on the CLS and mean patch token of the backbone(s) of ``router_reads``
     after ``router_layers`` blocks; null: a quarter of them, at least one) | cnn (a CNN of ``gate_channels``).
     ``router_reads``: auto | merged | first | every, the backbones the features router reads
     (:func:`resolve_router_reads`).

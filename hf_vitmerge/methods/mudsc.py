@@ -20,7 +20,7 @@ are similar in both spaces ("dual-space constraints").
   {0, 0.25, 0.5, 0.75} with alpha 0.5, beta 1 (``benchmarks/align_defaults.py``; BENCHMARKS.md,
   issue 12; 0.5, the released code's value when it does not search, was within one std). The
   paper searches {0.1..0.9} on training accuracy per merge; this implementation does not
-  search per merge (``lam: auto`` does, on the validation slice).
+  search per merge (``lam: auto`` does, on the validation slice, over 0.1, 0.25, 0.5 and 0.75).
 
 Deviation from the released code: the QK and VO groups of a block are re-solved together with
 ONE head assignment (both similarities vote); the released code assigns them independently,
@@ -29,6 +29,8 @@ S_weight are combined unscaled, as in the released code.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import torch
 
@@ -42,7 +44,7 @@ from ..alignment import (
     weight_similarity,
 )
 from ..matching import matched_similarity
-from .registry import merge_method
+from .registry import Grid, merge_method
 
 
 def _check_params(lam: float, solver: str, max_sweeps: int, patience: int) -> None:
@@ -58,7 +60,7 @@ def _check_params(lam: float, solver: str, max_sweeps: int, patience: int) -> No
 def mudsc(
     ctx,
     *,
-    lam: float = 0.25,
+    lam: Annotated[float, Grid(0.1, 0.25, 0.5, 0.75)] = 0.25,
     solver: str = "zip",
     alpha: float = 0.5,
     beta: float = 1.0,
