@@ -381,6 +381,10 @@ class GatedMergedViTForImageClassification(RoutedViTBase):
     """Static merged ViT + K copies of the dynamic tensors + K heads + a task router."""
 
     config_class = GatedViTConfig
+    # Not "vit": with every backbone tensor dynamic (``m: all``, the default) they all live in
+    # ``dynamic``, a checkpoint holds no `vit.` keys, and transformers 4 would take it for a
+    # headless base-model state dict and refuse it (as for the EMR class).
+    base_model_prefix = "gated"
 
     def __init__(self, config: GatedViTConfig):
         super().__init__(config)
