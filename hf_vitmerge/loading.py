@@ -100,6 +100,12 @@ class TensorReader:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def get_finite(self, key: str) -> torch.Tensor:
+        """:meth:`get`, refusing NaN or infinite values (:func:`require_finite`)."""
+        tensor = self.get(key)
+        require_finite(self.source, self.file_key(key), tensor)
+        return tensor
+
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor. safetensors files are opened per call, so pages read for earlier tensors
         are not kept mapped (peak memory stays near one tensor per input, whatever the input count)."""
@@ -257,7 +263,7 @@ def _check_finite(source: ModelSource, reader: TensorReader) -> None:
         return
     try:
         for key in list(reader._where):
-            require_finite(source, reader.file_key(key), reader.get(key))
+            reader.get_finite(key)
     finally:
         reader.close()
     _FINITE_CHECKED.update(files)

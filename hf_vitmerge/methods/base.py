@@ -21,7 +21,7 @@ from ..arch import ViTAdapter
 from ..config import MergeConfig
 from ..data import DataError, TaskData, load_task_data
 from ..errors import ConfigError, HFVitMergeError
-from ..loading import ModelSource, require_finite
+from ..loading import ModelSource
 from ..streaming import StackBuffers, StreamReader, file_order
 from ._stack import TensorStack
 from .registry import MethodSpec
@@ -246,7 +246,7 @@ def _refuse_nonfinite(
         reader = source.tensors()
         try:
             if key in reader:
-                require_finite(source, reader.file_key(key), reader.get(key))  # raises ModelLoadError
+                reader.get_finite(key)  # raises ModelLoadError
         finally:
             reader.close()
     raise HFVitMergeError(
@@ -278,9 +278,7 @@ def read_heads(sources: Sequence[ModelSource]) -> list[tuple[torch.Tensor, torch
     heads = []
     for s in sources:
         reader = s.tensors()
-        w, b = (reader.get(k).to(torch.float32) for k in s.adapter.classifier_keys)
-        for key, tensor in zip(s.adapter.classifier_keys, (w, b), strict=True):
-            require_finite(s, reader.file_key(key), tensor)
+        w, b = (reader.get_finite(k).to(torch.float32) for k in s.adapter.classifier_keys)
         heads.append((w, b))
         reader.close()
     return heads
