@@ -15,12 +15,11 @@ vectors.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
-from _trainslices import TrainSlices
+from _trainslices import TrainSlices, arguments
 
 from hf_vitmerge.methods.emr import elect_mask_rescale
 
@@ -55,12 +54,7 @@ def rebuild(k, keys, base, taus, unified, masks, rescalers, variant) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("suite")
-    parser.add_argument("--samples", type=int, default=256, help="training images per task")
-    parser.add_argument("--seed", type=int, default=1, help="shuffle seed of the training slice")
+    parser = arguments(__doc__)
     parser.add_argument("--json")
     args = parser.parse_args()
 

@@ -13,11 +13,10 @@ as in :func:`hf_vitmerge.methods.wudi.wudi`.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-from _trainslices import TrainSlices
+from _trainslices import TrainSlices, arguments
 
 from hf_vitmerge.methods.wudi import interference_terms, wudi_loss, wudi_task_matrix
 
@@ -38,19 +37,11 @@ SOLVERS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("suite")
-    parser.add_argument("--samples", type=int, default=256, help="training images per task")
-    parser.add_argument("--seed", type=int, default=1, help="shuffle seed of the training slice")
-    args = parser.parse_args()
+    args = arguments(__doc__).parse_args()
 
     s = TrainSlices(args.suite, args.samples, args.seed)
     taus = s.task_vectors()
-    matrices = {
-        k for k in s.keys if taus[k].dim() == 3 and "embeddings" not in k
-    }  # [K, out, in] linear weights
+    matrices = {k for k in s.keys if s.adapter.info(k).is_linear_weight}  # as the wudi method decides
     print(
         "| solver | normalized (train slices) | WUDI loss, summed over layers | seconds |\n|---|---|---|---|"
     )
