@@ -175,3 +175,26 @@ def test_merge_through_the_engine_uses_the_adapter_roles(tmp_path, method):
         q = adapter.key("q", "weight", 1)
         s = torch.linalg.svdvals(out[q] - states[0][q])
         torch.testing.assert_close(s, torch.full_like(s, float(s.mean())), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("over", ["task_arithmetic", "ties"])
+def test_fused_consensus_equals_the_unfused_masks(over):
+    """The chunked merge (several column chunks here) gives exactly the helpers' composition."""
+    from hf_vitmerge.methods.consensus import disjoint_sum
+    from hf_vitmerge.methods.ties import disjoint_mean, elect_sign, trim_top_k
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 500, generator=g)  # 150,000 entries: 3 chunks, sampled TIES threshold
+    models = [base + 0.1 * torch.randn(300, 500, generator=g) for _ in range(4)]
+    taus = torch.stack(models) - base
+    if over == "task_arithmetic":
+        merged = multi = taus.sum(0)
+    else:
+        trimmed = trim_top_k(taus, 0.3)
+        sign = elect_sign(trimmed)
+        multi, merged = disjoint_sum(trimmed, sign), disjoint_mean(trimmed, sign)
+    mask = consensus_mask(tall_masks(taus, multi, 0.4), 2)
+    assert 0.1 < mask.float().mean() < 0.9
+    expected = base + 0.7 * (merged * mask)
+    got = get_method("consensus").fn(models, base, k=2, mask_lambda=0.4, over=over, scaling=0.7, density=0.3)
+    assert torch.equal(got, expected)
