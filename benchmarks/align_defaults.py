@@ -18,7 +18,11 @@ Grids (``--grid``, comma-separated):
 * ``zipit-full``: zipit, alpha x beta x residual_features (``--alphas``, ``--betas``, ``--residual``);
 * ``zipit-partial``: zipit with ``stop_block`` = ``--stop-block``, alpha x beta;
 * ``mudsc``: mudsc, lam (``--lams``) x beta (``--mudsc-betas``), alpha ``--mudsc-alpha``,
-  residual_features ``--mudsc-residual``.
+  residual_features ``--mudsc-residual``;
+* ``permute``: permute at its defaults.
+
+Every grid is crossed with ``--qk-features`` (``k``, ``qk`` or ``k,qk``: the statistics of the
+QK groups).
 
 Each row: mean ± std over the seeds of the validation joint accuracy (and normalized
 accuracy: per-task accuracy on the slice over the task model's), the ensemble's validation
@@ -42,6 +46,7 @@ from hf_vitmerge.autotune import validation_slice
 from hf_vitmerge.evaluation import joint_predictions, label_positions
 from hf_vitmerge.merging import _build, prepare
 from hf_vitmerge.methods import mudsc as mudsc_module
+from hf_vitmerge.methods import permute as permute_module
 from hf_vitmerge.methods import zipit as zipit_module
 from hf_vitmerge.methods.registry import get_method
 from hf_vitmerge.suite import load_suite
@@ -65,16 +70,21 @@ def memoize_statistics() -> None:
     original = alignment.activation_similarities
     memo: dict = {}
 
-    def cached(ctx, groups, states, *, stop_block=None, residual_features="layernorms"):
-        key = (id(ctx), tuple(g.name for g in groups), stop_block, residual_features)
+    def cached(ctx, groups, states, *, stop_block=None, residual_features="layernorms", qk_features="k"):
+        key = (id(ctx), tuple(g.name for g in groups), stop_block, residual_features, qk_features)
         if key not in memo:
             memo[key] = original(
-                ctx, groups, states, stop_block=stop_block, residual_features=residual_features
+                ctx,
+                groups,
+                states,
+                stop_block=stop_block,
+                residual_features=residual_features,
+                qk_features=qk_features,
             )
         return dict(memo[key])
 
-    zipit_module.activation_similarities = cached
-    mudsc_module.activation_similarities = cached
+    for module in (zipit_module, mudsc_module, permute_module):
+        module.activation_similarities = cached
 
     # REPAIR's inputs that do not depend on the merge: the preprocessed calibration images and
     # the input models' per-feature statistics
@@ -159,34 +169,36 @@ class ValidationJoint:
 
 
 def candidates(args) -> list[tuple[str, str, dict]]:
-    """(grid, method, params) for every candidate."""
+    """(grid, method, params) for every candidate; every grid crosses ``--qk-features``."""
     out = []
     grids = [g.strip() for g in args.grid.split(",") if g.strip()]
-    for grid in grids:
+    qks = [q.strip() for q in args.qk_features.split(",") if q.strip()]
+    for grid, qk in itertools.product(grids, qks):
         if grid == "zipit-full":
             for res, a, b in itertools.product(
                 args.residual.split(","), _floats(args.alphas), _floats(args.betas)
             ):
-                out.append((grid, "zipit", {"alpha": a, "beta": b, "residual_features": res}))
+                out.append(
+                    (grid, "zipit", {"alpha": a, "beta": b, "residual_features": res, "qk_features": qk})
+                )
         elif grid == "zipit-partial":
             for a, b in itertools.product(_floats(args.partial_alphas), _floats(args.partial_betas)):
-                out.append((grid, "zipit", {"alpha": a, "beta": b, "stop_block": args.stop_block}))
+                params = {"alpha": a, "beta": b, "stop_block": args.stop_block, "qk_features": qk}
+                out.append((grid, "zipit", params))
         elif grid == "mudsc":
             for lam, b in itertools.product(_floats(args.lams), _floats(args.mudsc_betas)):
-                out.append(
-                    (
-                        grid,
-                        "mudsc",
-                        {
-                            "lam": lam,
-                            "alpha": args.mudsc_alpha,
-                            "beta": b,
-                            "residual_features": args.mudsc_residual,
-                        },
-                    )
-                )
+                params = {
+                    "lam": lam,
+                    "alpha": args.mudsc_alpha,
+                    "beta": b,
+                    "residual_features": args.mudsc_residual,
+                    "qk_features": qk,
+                }
+                out.append((grid, "mudsc", params))
+        elif grid == "permute":
+            out.append((grid, "permute", {"qk_features": qk}))
         else:
-            raise SystemExit(f"unknown grid {grid!r} (zipit-full, zipit-partial, mudsc)")
+            raise SystemExit(f"unknown grid {grid!r} (zipit-full, zipit-partial, mudsc, permute)")
     return out
 
 
@@ -243,6 +255,7 @@ def main() -> None:
     p.add_argument("--mudsc-alpha", type=float, default=0.5)
     p.add_argument("--mudsc-betas", default="1.0")
     p.add_argument("--mudsc-residual", default="layernorms")
+    p.add_argument("--qk-features", default="k", help="QK-group statistics to cross every grid with (k, qk)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
     p.add_argument("--markdown")

@@ -228,6 +228,9 @@ def load_states(ctx, keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
 
 
 RESIDUAL_FEATURES = ("cls", "tokens", "layernorms")
+#: statistics of a block's QK group: ``"k"``, the key projection's outputs (as MuDSC's released
+#: code), or ``"qk"``, query and key outputs stacked as samples of the same features
+QK_FEATURES = ("k", "qk")
 
 
 def residual_points(
@@ -281,16 +284,24 @@ def activation_similarities(
     *,
     stop_block: int | None = None,
     residual_features: str = "layernorms",
+    qk_features: str = "k",
 ) -> dict[str, torch.Tensor]:
     """Joint activation correlations of every group (``collect_joint_stats`` on the
     concatenated calibration data of all tasks); the residual's is the mean of the
-    sign-corrected correlations at :func:`residual_points`. The statistics time goes to
-    ``ctx.timings["stats_seconds"]``."""
+    sign-corrected correlations at :func:`residual_points`, a QK group's those of its key
+    outputs (``qk_features="k"``) or of query and key outputs stacked (``"qk"``). The statistics
+    time goes to ``ctx.timings["stats_seconds"]``."""
     from .stats import collect_joint_stats, source_cache_key
 
+    if qk_features not in QK_FEATURES:
+        raise ValueError(f"qk_features must be one of {', '.join(QK_FEATURES)}, got {qk_features!r}")
     adapter = ctx.adapter
     res_points = residual_points(adapter, stop_block, residual_features)
-    wanted = list(res_points) + [g.name for g in groups if g.kind != "residual"]
+
+    def point_of(g: MergeGroup) -> str:
+        return f"k_out.{g.layer}" if g.kind == "qk" and qk_features == "k" else g.name
+
+    wanted = list(res_points) + [point_of(g) for g in groups if g.kind != "residual"]
     calib = ctx.config.calibration
     start = time.perf_counter()
     stats = collect_joint_stats(
@@ -311,7 +322,7 @@ def activation_similarities(
     sims = {}
     for g in groups:
         if g.kind != "residual":
-            sims[g.name] = stats[g.name].correlation()
+            sims[g.name] = stats[point_of(g)].correlation()
             continue
         total = 0
         for point in res_points:

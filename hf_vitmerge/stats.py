@@ -43,6 +43,7 @@ GATHER_BYTES = 4 << 20
 # point kind -> (module role, hook type, parts per model); "out" hooks read the module output
 _KINDS: dict[str, tuple[tuple[str, str], ...]] = {
     "qk": (("q", "out"), ("k", "out")),
+    "k_out": (("k", "out"),),
     "vo": (("o", "in"),),
     "mlp": (("fc2", "in"),),
     "attn_in": (("q", "in"),),

@@ -113,7 +113,9 @@ def permuted_pair(tmp_path_factory):
     [
         ("permute", {}),
         ("permute", {"reference": "mean"}),
+        ("permute", {"qk_features": "qk"}),
         ("zipit", {"beta": 0.0}),
+        ("zipit", {"beta": 0.0, "qk_features": "qk"}),
         ("mudsc", {"solver": "hungarian", "lam": 0.0}),
     ],
 )
@@ -123,6 +125,33 @@ def test_merging_a_model_with_its_permuted_copy_is_exact(permuted_pair, method, 
     merged = merge([str(root / "a"), str(root / "b")], method, data=[data, data], quiet=True, **params)
     x = _pixels(8, seed=4)
     assert (merged(x).logits - model(x).logits).abs().max() <= 1e-4
+
+
+def test_qk_features_choose_the_statistics_of_the_qk_groups(permuted_pair):
+    """``k``: correlations of the key outputs alone; ``qk``: query and key outputs stacked."""
+    from hf_vitmerge.alignment import activation_similarities
+    from hf_vitmerge.merging import prepare
+    from hf_vitmerge.stats import collect_joint_stats
+
+    root, _ = permuted_pair
+    data = str(root / "data")
+    models = [{"model": str(root / name), "data": {"path": data}} for name in ("a", "b")]
+    ctx = prepare({"models": models, "method": "zipit"}, quiet=True)
+    groups = [g for g in ctx.adapter.groups() if g.kind == "qk"]
+    stats = collect_joint_stats(
+        ctx.models(),
+        [ctx.calibration_data(i) for i in range(2)],
+        [s.image_processor() for s in ctx.sources],
+        ["k_out.0", "qk.0"],
+        quiet=True,
+    )
+    by_k = activation_similarities(ctx, groups, None, qk_features="k")
+    by_qk = activation_similarities(ctx, groups, None, qk_features="qk")
+    torch.testing.assert_close(by_k["qk.0"], stats["k_out.0"].correlation())
+    torch.testing.assert_close(by_qk["qk.0"], stats["qk.0"].correlation())
+    assert not torch.allclose(by_k["qk.0"], by_qk["qk.0"])
+    with pytest.raises(ValueError, match="qk_features must be one of k, qk"):
+        activation_similarities(ctx, groups, None, qk_features="q")
 
 
 @torch.no_grad()

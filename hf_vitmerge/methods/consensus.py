@@ -23,8 +23,9 @@ the default 0.6 is FusionBench's.
 
 Like TIES, the method runs fused over cache-sized column chunks (:func:`_consensus_fused`): the
 task vectors, the multi-task vector, the K masks and their count exist one chunk at a time, so
-no ``[K, *param]`` temporary is allocated (they cost 4-5 of them per tensor, over a model of
-memory on 8 ViT-B checkpoints). The arithmetic is the same, operation for operation, as the
+no ``[K, *param]`` temporary is allocated (the unfused masks took 4-5 of them per tensor: on 8
+ViT-B/16 checkpoints +1174 MB of anonymous memory over the I/O floor, fused +146 MB;
+BENCHMARKS.md). The arithmetic is the same, operation for operation, as the
 unfused helpers :func:`tall_masks`, :func:`consensus_mask` and :func:`disjoint_sum`.
 """
 

@@ -7,6 +7,8 @@ are similar in both spaces ("dual-space constraints").
 * ``S_weight``: Pearson correlation of each feature's weight vector (its rows in producing
   layers, columns in consuming layers, bias and LayerNorm entries), other axes mapped into the
   merged basis by the current transforms of the neighbouring groups (MuDSC ``get_weight_vectors``).
+* ``S_act`` of a QK group: the key projection's outputs (``qk_features="k"``, as the released
+  code; ``"qk"`` stacks query and key outputs as samples).
 * Solver: ``"zip"`` (ZipIt!'s greedy zip; the released code's zip-based MuDSC with
   ``alpha`` = 0.5, ``beta`` = 1) or ``"hungarian"`` (alignment-based MuDSC).
 * Optimisation: start from the activation-only solution, then coordinate descent: sweeps over
@@ -18,7 +20,9 @@ are similar in both spaces ("dual-space constraints").
   calibration seeds 0, 1, 2 on the train-split validation slice
   (:func:`hf_vitmerge.autotune.validation_slice`; never test) of digits-split tiny, lam in
   {0, 0.25, 0.5, 0.75} with alpha 0.5, beta 1 (``benchmarks/align_defaults.py``; BENCHMARKS.md,
-  issue 12; 0.5, the released code's value when it does not search, was within one std). The
+  issue 12; 0.5, the released code's value when it does not search, was within one std). Beta
+  0.5 was better on digits-split (0.640 vs 0.619 with ``qk_features`` k) and worse on
+  digits-split5 (0.198 vs 0.229), so the released code's 1 stays. The
   paper searches {0.1..0.9} on training accuracy per merge; this implementation does not
   search per merge (``lam: auto`` does, on the validation slice, over 0.1, 0.25, 0.5 and 0.75).
 
@@ -30,7 +34,7 @@ S_weight are combined unscaled, as in the released code.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 
@@ -68,6 +72,7 @@ def mudsc(
     patience: int = 5,
     repair: bool = True,
     residual_features: str = "layernorms",
+    qk_features: Literal["k", "qk"] = "k",
 ):
     """MuDSC: dual-space (weight + activation) similarity, zip or Hungarian, coordinate descent."""
     _check_params(lam, solver, max_sweeps, patience)
@@ -79,7 +84,9 @@ def mudsc(
         if ctx.heads_mode == "shared"
         else [{k: v for k, v in st.items() if adapter.info(k).kind != "head"} for st in states]
     )
-    act = activation_similarities(ctx, groups, states, residual_features=residual_features)
+    act = activation_similarities(
+        ctx, groups, states, residual_features=residual_features, qk_features=qk_features
+    )
     owners = axis_owners(groups)
     num = len(ctx.sources)
     units = alignment_units(groups)
@@ -131,5 +138,6 @@ def mudsc(
         "objective": history,
         "best_objective": round(best_score, 6),
         "residual_features": residual_features,
+        "qk_features": qk_features,
     }
     return aligned_result(ctx, states, best, info, repair=repair)

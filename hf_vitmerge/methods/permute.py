@@ -16,17 +16,28 @@ ignores heads; MuDSC solves the QK and VO head assignments separately.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from ..alignment import activation_similarities, aligned_result, alignment_units, load_states, solve_unit
 from .registry import merge_method
 
 
 @merge_method("permute", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053")
-def permute(ctx, *, reference: str = "first", repair: bool = True, residual_features: str = "layernorms"):
+def permute(
+    ctx,
+    *,
+    reference: str = "first",
+    repair: bool = True,
+    residual_features: str = "layernorms",
+    qk_features: Literal["k", "qk"] = "k",
+):
     """Permute-then-average: Hungarian matching of activation correlations (head-aware), then averaging."""
     adapter = ctx.adapter
     groups = adapter.groups()
     states = load_states(ctx, adapter.keys)
-    sims = activation_similarities(ctx, groups, states, residual_features=residual_features)
+    sims = activation_similarities(
+        ctx, groups, states, residual_features=residual_features, qk_features=qk_features
+    )
     transforms = {}
     for unit in alignment_units(groups):
         transforms.update(solve_unit(unit, sims, len(ctx.sources), solver="hungarian", reference=reference))
@@ -34,5 +45,6 @@ def permute(ctx, *, reference: str = "first", repair: bool = True, residual_feat
         "alignment": "activation correlation, Hungarian, shared QK/VO head assignment",
         "reference": reference,
         "residual_features": residual_features,
+        "qk_features": qk_features,
     }
     return aligned_result(ctx, states, transforms, info, repair=repair)
