@@ -38,7 +38,7 @@ from pydantic import Field
 
 from ._stack import stacked
 from .registry import Grid, merge_method
-from .ties import _CHUNK, _threshold
+from .ties import _CHUNK, trim_cuts, trim_elect_chunk
 
 _DEFAULT_SCALING = {"task_arithmetic": 0.3, "ties": 1.0}
 
@@ -79,8 +79,7 @@ def _consensus_fused(
        (disjoint mean);
     3. with ``k > 0``: ``count_t(|t| > mask_lambda * |multi - t|) >= k`` masks ``merged``.
     """
-    threshold = _threshold(stack, density, base) if over == "ties" else None
-    shrink = None if threshold is None else torch.nextafter(threshold, torch.zeros_like(threshold)).tolist()
+    cuts = trim_cuts(stack, density, base) if over == "ties" else None
     num = stack.shape[0]
     flat, base_flat, out_flat = stack.reshape(num, -1), base.reshape(-1), out.view(-1)
     n = flat.shape[1]
@@ -94,15 +93,9 @@ def _consensus_fused(
         if over == "task_arithmetic":
             merged = multi = t.sum(0)
         else:
-            if shrink is None:
-                h.copy_(t)
-            else:
-                for row, cut in enumerate(shrink):
-                    torch.ops.aten.hardshrink.out(t[row], cut, out=h[row])
-            elected = h.sum(0).sign_()
-            agree = h.mul_(elected).relu_()
-            multi = agree.sum(0).mul_(elected)
-            merged = multi / agree.sign_().sum(0).clamp_(min=1)
+            elected, total, count = trim_elect_chunk(t, cuts, h)  # TIES's step; t stays intact
+            multi = total.mul_(elected)
+            merged = multi / count
         if k > 0:
             # the TALL masks |t| > lambda * |multi - t|, counted over tasks
             distance = torch.sub(multi, t, out=h).abs_().mul_(mask_lambda)

@@ -128,6 +128,32 @@ def ties_task_vector_(task_vecs: torch.Tensor, density: float = 0.2) -> torch.Te
     return out
 
 
+def trim_cuts(stack: torch.Tensor, density: float, base: torch.Tensor | None = None) -> list[float] | None:
+    """Per task, the ``hardshrink`` cut that keeps ``|t| >= threshold`` (:func:`_threshold`: just below
+    it, since hardshrink keeps ``|t| > lambda``), or None when nothing is trimmed."""
+    threshold = _threshold(stack, density, base)
+    if threshold is None:
+        return None
+    return torch.nextafter(threshold, torch.zeros_like(threshold)).tolist()
+
+
+def trim_elect_chunk(
+    source: torch.Tensor, cuts: list[float] | None, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TIES on one ``[K, chunk]`` block of task vectors: trim ``source`` into the scratch ``h``
+    (``cuts`` from :func:`trim_cuts`), elect the sign ``e = sign(sum_k h)``, and return ``e``, the
+    summed magnitudes of the entries that agree with it (``sum_k relu(e * h)``) and their count
+    (at least 1). ``h`` is overwritten; ``source`` is only read."""
+    if cuts is None:
+        h.copy_(source)
+    else:
+        for k, cut in enumerate(cuts):
+            torch.ops.aten.hardshrink.out(source[k], cut, out=h[k])
+    elected = h.sum(0).sign_()
+    agree = h.mul_(elected).relu_()
+    return elected, agree.sum(0), agree.sign_().sum(0).clamp_(min=1)
+
+
 def _ties_fused(
     stack: torch.Tensor, base: torch.Tensor | None, density: float, scaling: float, out: torch.Tensor
 ) -> None:
@@ -141,7 +167,7 @@ def _ties_fused(
     4. ``a = relu(e * h)``: the entries that agree with ``e`` (as magnitudes), zero elsewhere;
     5. ``merged = e * sum_k a / max(1, count_k(a > 0))``: the disjoint mean.
     """
-    threshold = _threshold(stack, density, base)
+    cuts = trim_cuts(stack, density, base)
     num = stack.shape[0]
     flat = stack.reshape(num, -1)
     base_flat = base.reshape(-1) if base is not None else None
@@ -149,10 +175,6 @@ def _ties_fused(
     n = flat.shape[1]
     width = min(_CHUNK, n)
     scratch = torch.empty(2, num, width, dtype=flat.dtype, device=flat.device)
-    # hardshrink keeps |t| > lambda; just below the threshold, that is |t| >= threshold
-    shrink = None
-    if threshold is not None:
-        shrink = torch.nextafter(threshold, torch.zeros_like(threshold)).tolist()
     for start in range(0, n, width):
         stop = min(start + width, n)
         t, h = scratch[0, :, : stop - start], scratch[1, :, : stop - start]
@@ -161,15 +183,7 @@ def _ties_fused(
             source = t
         else:
             source = flat[:, start:stop]
-        if shrink is not None:
-            for k, lam in enumerate(shrink):
-                torch.ops.aten.hardshrink.out(source[k], lam, out=h[k])
-        else:
-            h.copy_(source)
-        elected = h.sum(0).sign_()
-        agree = torch.mul(h, elected, out=t).relu_()
-        total = agree.sum(0)
-        count = agree.sign_().sum(0).clamp_(min=1)
+        elected, total, count = trim_elect_chunk(source, cuts, h)
         merged = total.div_(count).mul_(elected)
         o = out_flat[start:stop]
         if base_flat is None:
