@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
 
 import torch
 
@@ -230,7 +231,8 @@ def load_states(ctx, keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
 RESIDUAL_FEATURES = ("cls", "tokens", "layernorms")
 #: statistics of a block's QK group: ``"k"``, the key projection's outputs (as MuDSC's released
 #: code), or ``"qk"``, query and key outputs stacked as samples of the same features
-QK_FEATURES = ("k", "qk")
+QKFeatures = Literal["k", "qk"]
+QK_FEATURES = get_args(QKFeatures)
 
 
 def residual_points(

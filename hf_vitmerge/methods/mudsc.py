@@ -34,11 +34,12 @@ S_weight are combined unscaled, as in the released code.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 
 from ..alignment import (
+    QKFeatures,
     activation_similarities,
     aligned_result,
     alignment_units,
@@ -72,7 +73,7 @@ def mudsc(
     patience: int = 5,
     repair: bool = True,
     residual_features: str = "layernorms",
-    qk_features: Literal["k", "qk"] = "k",
+    qk_features: QKFeatures = "k",
 ):
     """MuDSC: dual-space (weight + activation) similarity, zip or Hungarian, coordinate descent."""
     _check_params(lam, solver, max_sweeps, patience)

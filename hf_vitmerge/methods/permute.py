@@ -16,9 +16,14 @@ ignores heads; MuDSC solves the QK and VO head assignments separately.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from ..alignment import activation_similarities, aligned_result, alignment_units, load_states, solve_unit
+from ..alignment import (
+    QKFeatures,
+    activation_similarities,
+    aligned_result,
+    alignment_units,
+    load_states,
+    solve_unit,
+)
 from .registry import merge_method
 
 
@@ -29,7 +34,7 @@ def permute(
     reference: str = "first",
     repair: bool = True,
     residual_features: str = "layernorms",
-    qk_features: Literal["k", "qk"] = "k",
+    qk_features: QKFeatures = "k",
 ):
     """Permute-then-average: Hungarian matching of activation correlations (head-aware), then averaging."""
     adapter = ctx.adapter

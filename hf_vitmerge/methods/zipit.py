@@ -50,6 +50,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from ..alignment import (
+    QKFeatures,
     activation_similarities,
     aligned_result,
     alignment_units,
@@ -77,7 +78,7 @@ def zipit(
     stop_block: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0, lt=1)] | None = None,
     repair: bool = True,
     residual_features: Literal["cls", "tokens", "layernorms"] = "layernorms",
-    qk_features: Literal["k", "qk"] = "k",
+    qk_features: QKFeatures = "k",
 ):
     """ZipIt!: greedy zip of correlated features within and across models (optionally partial)."""
     adapter = ctx.adapter
