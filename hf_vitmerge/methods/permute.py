@@ -4,8 +4,8 @@ https://arxiv.org/abs/2305.03053, and Git Re-Basin's activation matching, Ainswo
 https://arxiv.org/abs/2209.04836).
 
 Groups (see :mod:`hf_vitmerge.alignment`): one residual permutation for the whole network
-(statistics: the classifier input, i.e. the final-LN CLS token, as in MuDSC, with the
-correlation sign-corrected for negative LayerNorm scales), per block a QK and a VO permutation
+(statistics: ``residual_features``, by default every LayerNorm output, with the correlations
+sign-corrected for negative LayerNorm scales), per block a QK and a VO permutation
 that move whole heads with ONE head assignment (two-level Hungarian, both similarities summed),
 and an MLP permutation. The released ZipIt! code (``match_tensors_permute``) has no ViT graph and
 ignores heads; MuDSC solves the QK and VO head assignments separately.
