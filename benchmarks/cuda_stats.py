@@ -38,7 +38,7 @@ def _collect(models, adapters, points, batches, device, product_dtype):
                 for model in models:
                     model(pixel_values=x)
         out = collector.finalize()
-        collector.remove()
+        collector.close()
     finally:
         stats.PRODUCT_DTYPE = before
     if device.startswith("cuda"):

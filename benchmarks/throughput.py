@@ -7,10 +7,15 @@ shared machine hit both, so ``ratio = statistics_img_s / inference_img_s`` is th
 
 Collections:
 
-* ``joint``: two models on the same images, the alignment points (``residual, qk, vo, mlp``,
-  what ZipIt!/MuDSC/permute collect; features concatenated, ``D = 2 d``);
+* ``joint``: two models on the same images, the points permute, ZipIt! and MuDSC collect with
+  their defaults (:func:`hf_vitmerge.alignment.alignment_points`: every LayerNorm output and the
+  final-LN tokens for the residual stream, key outputs, attention context, MLP hidden;
+  features concatenated, ``D = 2 d``);
 * ``one-model``: one model on its own images, RegMean's points (``attn_in, vo, fc1_in, mlp`` of
   every block and the classifier input).
+
+On a CPU with two or more cores the statistics products run on a background thread
+(``hf_vitmerge.stats._Collector``); ``HF_VITMERGE_STATS_WORKER=0`` measures them inline.
 
 Models are random ViTs of the zoo's shapes (``hf_vitmerge.zoo.builder.SIZES``: tiny = the
 digits architecture, 16 px, patch 4, hidden 64, 3 blocks, MLP 128; small = 32 px, patch 4,
@@ -66,14 +71,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from hf_vitmerge.alignment import alignment_points
     from hf_vitmerge.arch import ViTAdapter
     from hf_vitmerge.methods.regmean import regmean_points
-    from hf_vitmerge.stats import benchmark_throughput, statistics_points
+    from hf_vitmerge.stats import _stats_worker_enabled, benchmark_throughput
 
     models, data, processor, arch = _setup(args.size, 2, args.images)
-    adapter = ViTAdapter.from_model(models[0])
+    residual, per_group = alignment_points(ViTAdapter.from_model(models[0]))
     collections = {
-        "joint": (models, statistics_points(adapter, ("residual", "qk", "vo", "mlp"))),
+        "joint": (models, [*residual, *per_group.values()]),
         "one-model": (models[:1], regmean_points(arch.num_hidden_layers, True)),
     }
     rows = []
@@ -99,6 +105,7 @@ def main() -> None:
         "images": args.images,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
+        "products_thread": _stats_worker_enabled("cpu"),
         "rows": rows,
     }
     if args.json:

@@ -267,6 +267,29 @@ def residual_points(
     return points + [last]
 
 
+def alignment_points(
+    adapter: ViTAdapter,
+    groups: Sequence[MergeGroup] | None = None,
+    *,
+    stop_block: int | None = None,
+    residual_features: str = "layernorms",
+    qk_features: str = "k",
+) -> tuple[list[str], dict[str, str]]:
+    """The statistics points an alignment merge collects: the residual stream's
+    (:func:`residual_points`) and, per non-residual group (default: every group of the
+    architecture), the point whose correlations align it (a QK group's key outputs with
+    ``qk_features="k"``, its query and key outputs with ``"qk"``)."""
+    if qk_features not in QK_FEATURES:
+        raise ValueError(f"qk_features must be one of {', '.join(QK_FEATURES)}, got {qk_features!r}")
+    groups = adapter.groups() if groups is None else groups
+    point_of = {
+        g.name: f"k_out.{g.layer}" if g.kind == "qk" and qk_features == "k" else g.name
+        for g in groups
+        if g.kind != "residual"
+    }
+    return residual_points(adapter, stop_block, residual_features), point_of
+
+
 def _ln_signs(states, adapter: ViTAdapter, point: str) -> torch.Tensor:
     """``sign(gamma)`` of the LayerNorm producing ``point``, stacked over models: a negative
     LayerNorm scale flips a feature's sign at the statistics point but not in the residual."""
@@ -295,22 +318,17 @@ def activation_similarities(
     time goes to ``ctx.timings["stats_seconds"]``."""
     from .stats import collect_joint_stats, source_cache_key
 
-    if qk_features not in QK_FEATURES:
-        raise ValueError(f"qk_features must be one of {', '.join(QK_FEATURES)}, got {qk_features!r}")
     adapter = ctx.adapter
-    res_points = residual_points(adapter, stop_block, residual_features)
-
-    def point_of(g: MergeGroup) -> str:
-        return f"k_out.{g.layer}" if g.kind == "qk" and qk_features == "k" else g.name
-
-    wanted = list(res_points) + [point_of(g) for g in groups if g.kind != "residual"]
+    res_points, point_of = alignment_points(
+        adapter, groups, stop_block=stop_block, residual_features=residual_features, qk_features=qk_features
+    )
     calib = ctx.config.calibration
     start = time.perf_counter()
     stats = collect_joint_stats(
         ctx.models(),
         [ctx.calibration_data(i) for i in range(len(ctx.sources))],
         [s.image_processor() for s in ctx.sources],
-        list(dict.fromkeys(wanted)),
+        list(dict.fromkeys([*res_points, *point_of.values()])),
         batch_size=calib.batch_size,
         device=ctx.device,
         mixed_precision=calib.mixed_precision,
@@ -324,7 +342,7 @@ def activation_similarities(
     sims = {}
     for g in groups:
         if g.kind != "residual":
-            sims[g.name] = stats[point_of(g)].correlation()
+            sims[g.name] = stats[point_of[g.name]].correlation()
             continue
         total = 0
         for point in res_points:

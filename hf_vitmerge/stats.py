@@ -1,12 +1,12 @@
 """Streaming activation statistics for alignment merging (ZipIt!, MuDSC, permutation) and RegMean.
 
 Statistics are float64 running sums — ``count``, ``sum`` of features and ``outer`` (sum of
-``f f^T``) — so no activation is kept beyond a few batches (at most :data:`GATHER_BYTES` of
-rows per point, gathered for fewer and larger products), batches can be sharded over
-processes (the sums are all-reduced) and results can be cached on disk. Each batch's product
-``F^T F`` is computed in float32 (a GEMM over at most :data:`PRODUCT_ROWS` rows) and added to
-the float64 total, on CPU and CUDA alike (TF32 off): the relative error against an all-float64
-path is ~1e-7 (tested <= 1e-6) at a fraction of the cost.
+``f f^T``) — so no activation is kept beyond its batch, batches can be sharded over processes
+(the sums are all-reduced) and results can be cached on disk. Each batch's product ``F^T F`` is
+computed in float32 (a GEMM over at most :data:`PRODUCT_ROWS` rows) and added to the float64
+total, on CPU and CUDA alike (TF32 off): the relative error against an all-float64 path is ~1e-7
+(tested <= 1e-6) at a fraction of the cost. On CPU the products run on a background thread while
+the models compute the next activations (:class:`_Collector`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import inspect
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .arch import ViTAdapter
 from .data import TaskData
+from .threads import intra_op_threads, usable_cores
 
 _CACHE_VERSION = 1
 _TINY_STD = 1e-12
@@ -35,11 +38,8 @@ _TINY_STD = 1e-12
 PRODUCT_DTYPE = torch.float32
 #: rows per float32 product before it is added to the float64 total (bounds the float32 error)
 PRODUCT_ROWS = 8192
-#: CPU products by BLAS ``ssyrk`` (lower triangle, half the FLOPs) instead of ``torch.mm``
-CPU_SYRK = True
-#: joint feature rows of one point gathered over batches (up to this many bytes, and at most
-#: :data:`PRODUCT_ROWS` rows) before their product is taken: fewer, larger products
-GATHER_BYTES = 4 << 20
+#: features (bytes) that may wait for the background products thread before the models pause
+PENDING_BYTES = 256 << 20
 # point kind -> (module role, hook type, parts per model); "out" hooks read the module output
 _KINDS: dict[str, tuple[tuple[str, str], ...]] = {
     "qk": (("q", "out"), ("k", "out")),
@@ -79,7 +79,7 @@ class FeatureStats:
         f = features.reshape(-1, self.dim)
         self.count += f.shape[0]
         self.sum.add_(f.sum(0, dtype=torch.float64))
-        accumulate_outer_(self.outer, f, lower_only=False)
+        accumulate_outer_(self.outer, f)
 
     def _require_samples(self) -> None:
         if self.count == 0:
@@ -176,60 +176,22 @@ def _product_dtype(f: torch.Tensor) -> torch.dtype:
     return torch.float64 if f.dtype == torch.float64 else PRODUCT_DTYPE
 
 
-def accumulate_outer_(
-    outer: torch.Tensor, f: torch.Tensor, *, lower_only: bool = False, scratch: dict | None = None
-) -> bool:
+def accumulate_outer_(outer: torch.Tensor, f: torch.Tensor, *, scratch: dict | None = None) -> None:
     """``outer += f^T f``: ``outer`` is float64; each product over at most :data:`PRODUCT_ROWS` rows
-    of ``f`` is computed in float32 (float64 when ``f`` is float64 or :data:`PRODUCT_DTYPE` says so)
-    and added to it. ``scratch`` caches the float32 product buffer between calls (keyed by size).
-
-    On CPU with ``lower_only`` (and :data:`CPU_SYRK`), a BLAS ``?syrk`` fills only the lower
-    triangle of the row-major ``outer`` and True is returned: the caller mirrors it once at the end
-    (:func:`symmetrize_lower_`). Keep the BLAS to torch's thread count (:func:`_blas_threads`):
-    measured on this project's shared 2-core machine, OpenBLAS threads left spinning made a
-    ``[544, 256]`` ``ssyrk`` take 20 ms instead of 0.3 ms (``torch.mm``: 0.6 ms). Otherwise the
-    product is ``torch.mm`` (TF32 off on CUDA), symmetric up to rounding (:func:`symmetrize_`), and
-    False is returned."""
+    of ``f`` is computed in float32 (float64 when ``f`` is float64 or :data:`PRODUCT_DTYPE` says so;
+    TF32 off on CUDA) and added to it. ``scratch`` caches the float32 product buffer between calls.
+    The result is symmetric up to rounding (:meth:`FeatureStats.covariance` symmetrizes)."""
     dtype = _product_dtype(f)
     f = f.to(dtype)
-    if f.is_cuda:
-        with _fp32_exact():
-            _accumulate_gemm(outer, f, dtype, scratch)
-        return False
-    if lower_only and CPU_SYRK and outer.is_contiguous():
-        _accumulate_syrk(outer, f.contiguous(), dtype, scratch)
-        return True
-    _accumulate_gemm(outer, f, dtype, scratch)
-    return False
+    with _fp32_exact() if f.is_cuda else contextlib.nullcontext():
+        _accumulate_product(outer, f, f, dtype, scratch)
 
 
-def _accumulate_syrk(outer: torch.Tensor, f: torch.Tensor, dtype: torch.dtype, scratch: dict | None) -> None:
-    """Lower triangle of the row-major ``outer`` += ``f^T f`` by BLAS ``?syrk`` (half a GEMM's FLOPs)."""
-    from scipy.linalg import blas
-
-    if dtype == torch.float64:
-        c = outer.numpy().T  # column-major view: its upper triangle is the row-major lower one
-        for start in range(0, f.shape[0], PRODUCT_ROWS):
-            chunk = f[start : start + PRODUCT_ROWS].numpy()
-            res = blas.dsyrk(1.0, chunk.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
-            if res.ctypes.data != c.ctypes.data:
-                outer.copy_(torch.from_numpy(res.T.copy()))
-        return
-    buf = _scratch(scratch, outer.shape[0], dtype, outer.device)
-    c = buf.numpy().T
-    for start in range(0, f.shape[0], PRODUCT_ROWS):
-        chunk = f[start : start + PRODUCT_ROWS].numpy()
-        res = blas.ssyrk(1.0, chunk.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)
-        if res.ctypes.data != c.ctypes.data:
-            buf.copy_(torch.from_numpy(res.T.copy()))
-        outer.add_(buf)  # buf's strict upper triangle is never written (stays 0)
-
-
-def _accumulate_cross(
+def _accumulate_product(
     block: torch.Tensor, fi: torch.Tensor, fj: torch.Tensor, dtype: torch.dtype, scratch: dict | None
 ) -> None:
-    """``block += fi^T fj`` (float64 ``block``; products over at most :data:`PRODUCT_ROWS` rows in
-    ``dtype``)."""
+    """``block += fi^T fj`` (float64 ``block``, possibly a view; products over at most
+    :data:`PRODUCT_ROWS` rows in ``dtype``)."""
     if dtype == torch.float64:
         for start in range(0, fi.shape[0], PRODUCT_ROWS):
             block.addmm_(fi[start : start + PRODUCT_ROWS].T, fj[start : start + PRODUCT_ROWS])
@@ -240,26 +202,12 @@ def _accumulate_cross(
         block.add_(buf)
 
 
-def _accumulate_gemm(outer: torch.Tensor, f: torch.Tensor, dtype: torch.dtype, scratch: dict | None) -> None:
-    if dtype == torch.float64:
-        for start in range(0, f.shape[0], PRODUCT_ROWS):
-            chunk = f[start : start + PRODUCT_ROWS]
-            outer.addmm_(chunk.T, chunk)
-        return
-    buf = _scratch(scratch, outer.shape[0], dtype, outer.device)
-    for start in range(0, f.shape[0], PRODUCT_ROWS):
-        chunk = f[start : start + PRODUCT_ROWS]
-        torch.mm(chunk.T, chunk, out=buf)
-        outer.add_(buf)
-
-
-def _scratch(scratch: dict | None, dim: int | tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
-    """A zeroed ``[dim, dim]`` product buffer (square: for ``?syrk``, whose strict upper triangle
-    stays zero) or a ``[rows, cols]`` one (a tuple: cross products), cached in ``scratch``."""
-    key = (dim, dtype, str(device))
+def _scratch(scratch: dict | None, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A ``[rows, cols]`` product buffer, cached in ``scratch``."""
+    key = (shape, dtype, str(device))
     if scratch is not None and key in scratch:
         return scratch[key]
-    buf = torch.zeros(*((dim, dim) if isinstance(dim, int) else dim), dtype=dtype, device=device)
+    buf = torch.empty(shape, dtype=dtype, device=device)
     if scratch is not None:
         scratch[key] = buf
     return buf
@@ -276,40 +224,66 @@ def _fp32_exact():
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def symmetrize_(outer: torch.Tensor) -> None:
-    """Make an accumulated ``sum f f^T`` exactly symmetric (average with its transpose)."""
-    outer.copy_((outer + outer.T) / 2)
-
-
 def symmetrize_lower_(outer: torch.Tensor) -> None:
     """Complete a matrix of which only the lower triangle was accumulated."""
     lower = outer.tril()
     outer.copy_(lower + lower.tril(-1).T)
 
 
-def _blas_threads():
-    """Let the BLAS used by :func:`accumulate_outer_` use as many threads as torch does."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+def _cores_per_process(processes: int) -> int:
+    return max(1, usable_cores() // max(1, processes))
+
+
+def _stats_worker_enabled(device: str | torch.device, processes: int = 1) -> bool:
+    """Whether a collection on ``device`` takes its products on a background thread:
+    ``$HF_VITMERGE_STATS_WORKER`` (1 / 0) if set, else on CPU when each of the ``processes``
+    collecting on this machine has two or more cores. CUDA needs none: its products already run
+    asynchronously on the device."""
+    if torch.device(device).type != "cpu":
+        return False
+    env = os.environ.get("HF_VITMERGE_STATS_WORKER", "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    return _cores_per_process(processes) >= 2
 
 
 class _Collector:
-    """Hooks on N models; a point is accumulated when the last model has produced it."""
+    """Hooks on N models; a point's batch is accumulated when the last model has produced it.
 
-    def __init__(self, models, adapters, points, device):
+    Per batch and point, model ``i``'s rows ``F_i`` (of every part: a QK point's query and key
+    outputs are rows of the same features) add ``F_i^T F_j`` (``j <= i``) to the lower blocks of
+    the float64 outer product, each taken in float32 (:data:`PRODUCT_DTYPE`) over at most
+    :data:`PRODUCT_ROWS` rows, and their column sums (float64) to the sum; :meth:`finalize`
+    mirrors the lower blocks. Nothing is copied or kept beyond the batch.
+
+    On CPU with two or more cores (:func:`_stats_worker_enabled`) the products run on one
+    background thread with one intra-op thread, in submission order, while the models compute
+    the next activations on the others (:meth:`running`): the same operations in the same order
+    as inline, so the results are bit-identical, and at most :data:`PENDING_BYTES` of activations
+    wait for it. This relies on hooked activations not being modified in place by later layers,
+    as none are in transformers' ViT (4.x and 5.x). Measured on 2 cores (BENCHMARKS.md, issue 15):
+    the default alignment collection of two tiny ViTs went from 0.56 to about 0.7 of inference
+    speed.
+    """
+
+    def __init__(self, models, adapters, points, device, *, processes: int = 1, worker: bool | None = None):
         self.n = len(models)
         self.points = list(points)
+        self.device = torch.device(device)
         self.stats: dict[str, FeatureStats] = {}
         self.parts: dict[str, int] = {}
         self.buffers: dict[str, list[list[torch.Tensor]]] = {}
         self.handles = []
-        self.triangular: set[str] = set()  # points whose outer holds only its lower triangle (syrk)
-        self.rounded: set[str] = set()  # points to symmetrize at the end (GEMM rounding)
-        self.scratch: dict = {}  # float32 product buffers, one per feature size
-        self.gathered: dict[str, tuple[torch.Tensor, int]] = {}  # point -> (rows buffer, rows filled)
+        self.touched: set[str] = set()  # points whose outer holds its lower blocks only
+        self.scratch: dict = {}  # float32 product buffers, one per shape (used by one thread)
+        self.cores = _cores_per_process(processes)
+        use_worker = _stats_worker_enabled(device, processes) if worker is None else worker
+        self.executor = _start_worker() if use_worker else None
+        self.pending: deque[tuple[Future, int]] = deque()
+        self.pending_bytes = 0
+        self.ready: list[tuple[str, list[list[torch.Tensor]]]] = []  # this batch's points, for the worker
+        if self.executor is not None:  # the last model's forward ends a batch: hand it over at once
+            self.handles.append(models[-1].register_forward_hook(lambda *_: self._submit_ready()))
         for point in self.points:
             kind, layer, d = _parse_point(point, adapters[0])
             self.stats[point] = FeatureStats.zeros(self.n * d, device)
@@ -331,6 +305,13 @@ class _Collector:
                     else:
                         self.handles.append(mod.register_forward_pre_hook(self._in_hook(point, m)))
 
+    def running(self):
+        """Context for the forward passes: with the worker on, the models get the cores it leaves
+        (torch's thread count, at most this process's cores - 1), restored after."""
+        if self.executor is None:
+            return contextlib.nullcontext()
+        return intra_op_threads(max(1, min(torch.get_num_threads(), self.cores - 1)))
+
     def _out_hook(self, point: str, m: int, cls_only: bool):
         def hook(_module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
@@ -351,77 +332,97 @@ class _Collector:
             self._flush(point)
 
     def _flush(self, point: str) -> None:
-        """One batch of ``point`` is complete: copy each model's rows into its gather buffer (a
-        contiguous row block: a plain copy); take the products once the buffers are full."""
+        """One batch of ``point`` is complete: accumulate it (inline, or queued for the worker)."""
         parts = self.buffers[point]
         self.buffers[point] = [[] for _ in range(self.n)]
         rows = {sum(p.shape[0] for p in model_parts) for model_parts in parts}
         if len(rows) != 1:
             raise RuntimeError(f"point {point!r}: models produced different numbers of samples {rows}")
-        r = rows.pop()
-        first = parts[0][0]
-        d = first.shape[1]
-        gathered, filled = self.gathered.get(point, (None, 0))
-        if gathered is not None and gathered.shape[1] < filled + r:
-            self._accumulate(point, gathered[:, :filled])
-            filled = 0
-        if gathered is None or gathered.shape[1] < r:
-            capacity = max(r, min(PRODUCT_ROWS, GATHER_BYTES // (self.n * d * 4)))
-            gathered = torch.empty(self.n, capacity, d, dtype=_product_dtype(first), device=first.device)
-        for m, model_parts in enumerate(parts):
-            at = filled
-            for p in model_parts:
-                gathered[m, at : at + p.shape[0]].copy_(p)
-                at += p.shape[0]
-        self.gathered[point] = (gathered, filled + r)
+        if self.executor is None:
+            self._accumulate(point, parts)
+        else:
+            self.ready.append((point, parts))
 
-    def _accumulate(self, point: str, gathered: torch.Tensor) -> None:
-        """Add the ``[n, rows, d]`` gathered features (model m's in block m of the joint feature
-        vector) to the point's float64 count, sum and outer product."""
-        st = self.stats[point]
-        n, rows, d = gathered.shape
-        st.count += rows
-        for m in range(n):
-            st.sum[m * d : (m + 1) * d].add_(gathered[m].sum(0, dtype=torch.float64))
-        if n == 1 or gathered.is_cuda or not CPU_SYRK:
-            joint = gathered[0] if n == 1 else gathered.permute(1, 0, 2).reshape(rows, n * d)
-            if accumulate_outer_(st.outer, joint, lower_only=True, scratch=self.scratch):
-                self.triangular.add(point)
-            else:
-                self.rounded.add(point)
+    def _submit_ready(self) -> None:
+        """Queue the batch's complete points for the worker as one task (one hand-over per batch)."""
+        if not self.ready:
             return
-        # CPU, several models: the lower blocks of the joint product, F_i^T F_j for j <= i, from
-        # the per-model blocks in place (ssyrk on the diagonal, GEMM below it): no joint copy
-        dtype = gathered.dtype
-        for i in range(n):
-            rows_i = slice(i * d, (i + 1) * d)
-            _accumulate_syrk(st.outer[rows_i, rows_i], gathered[i], dtype, self.scratch)
-            for j in range(i):
-                block = st.outer[rows_i, j * d : (j + 1) * d]
-                _accumulate_cross(block, gathered[i], gathered[j], dtype, self.scratch)
-        self.triangular.add(point)
+        items, self.ready = self.ready, []
+        nbytes = sum(p.numel() * p.element_size() for _, parts in items for ps in parts for p in ps)
+        self.pending.append((self.executor.submit(self._accumulate_all, items), nbytes))
+        self.pending_bytes += nbytes
+        while self.pending and self.pending_bytes > PENDING_BYTES:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self.pending.popleft()
+        self.pending_bytes -= nbytes
+        future.result()  # re-raises the worker's error in the caller
+
+    def _accumulate_all(self, items: list[tuple[str, list[list[torch.Tensor]]]]) -> None:
+        for point, parts in items:
+            self._accumulate(point, parts)
+
+    def _accumulate(self, point: str, parts: list[list[torch.Tensor]]) -> None:
+        """Add one batch (``parts[m]``: model m's row blocks) to the point's count, sums and the
+        lower blocks of its outer product."""
+        st = self.stats[point]
+        d = st.dim // self.n
+        exact = _fp32_exact() if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), exact:
+            for p in range(len(parts[0])):
+                for start in range(0, parts[0][p].shape[0], PRODUCT_ROWS):
+                    chunk = [model_parts[p][start : start + PRODUCT_ROWS] for model_parts in parts]
+                    dtype = _product_dtype(chunk[0])
+                    chunk = [f if f.dtype == dtype else f.to(dtype) for f in chunk]
+                    st.count += chunk[0].shape[0]
+                    for i, fi in enumerate(chunk):
+                        rows_i = slice(i * d, (i + 1) * d)
+                        st.sum[rows_i].add_(fi.sum(0, dtype=torch.float64))
+                        for j in range(i + 1):
+                            block = st.outer[rows_i, j * d : (j + 1) * d]
+                            _accumulate_product(block, fi, chunk[j], dtype, self.scratch)
+        self.touched.add(point)
 
     def finalize(self) -> dict[str, FeatureStats]:
-        """Take the products of the rows still gathered, and make the accumulated outer products
-        exactly symmetric (see :func:`accumulate_outer_`)."""
-        with torch.inference_mode():  # the gathered rows and product buffers were made in it
-            for point, (gathered, filled) in self.gathered.items():
-                if filled:
-                    self._accumulate(point, gathered[:, :filled])
-        self.gathered.clear()
-        for point in self.triangular:
+        """Wait for the queued products, then mirror each outer product's lower blocks (exactly
+        symmetric totals)."""
+        if self.executor is not None:
+            self._submit_ready()
+        while self.pending:
+            self._wait_oldest()
+        for point in self.touched:
             symmetrize_lower_(self.stats[point].outer)
-        for point in self.rounded - self.triangular:
-            symmetrize_(self.stats[point].outer)
-        self.triangular.clear()
-        self.rounded.clear()
+        self.touched.clear()
         self.scratch.clear()
         return self.stats
 
-    def remove(self) -> None:
+    def close(self) -> None:
+        """Remove the hooks and stop the worker (dropping queued work if :meth:`finalize` was not
+        reached, e.g. after an error)."""
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.ready = []
+
+
+def _start_worker() -> ThreadPoolExecutor:
+    """One background thread whose torch ops (and MKL) run single-threaded. ``torch.set_num_threads``
+    in a thread also sets the process-wide count, so the caller's count is restored once the
+    worker has set its own (which MKL and OpenMP keep per thread)."""
+    before = torch.get_num_threads()
+    executor = ThreadPoolExecutor(
+        1, thread_name_prefix="hf_vitmerge-stats", initializer=torch.set_num_threads, initargs=(1,)
+    )
+    executor.submit(lambda: None).result()
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    return executor
 
 
 # ------------------------------------------------------------------------------------ distribution
@@ -619,10 +620,11 @@ def _collect(
     training = [m.training for m in models]
     for m in models:
         m.to(device).eval()
-    collector = _Collector(models, adapters, points, device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine (torchrun)
+    collector = _Collector(models, adapters, points, device, processes=local)
     plan = _batch_plan(data, batch_size)[rank::world]
     try:
-        with _blas_threads():
+        with collector.running():
             _run(
                 models,
                 data,
@@ -633,11 +635,11 @@ def _collect(
                 desc=f"statistics ({mode})",
                 quiet=quiet or rank != 0,
             )
+            stats = collector.finalize()
     finally:
-        collector.remove()
+        collector.close()
         for m, dev, tr in zip(models, originals, training, strict=True):
             m.to(dev).train(tr)
-    stats = collector.finalize()
     _all_reduce(stats, accelerator, world)
     stats = {p: st.to("cpu") for p, st in stats.items()}
     if path is not None and rank == 0:
@@ -734,13 +736,16 @@ def benchmark_throughput(
     _run(models, data, processors, plan[:1], **kw)
 
     def timed(with_stats: bool) -> float:
-        collector = _Collector(models, adapters, points, device) if with_stats else None
         start = time.perf_counter()
-        with _blas_threads():
-            n = _run(models, data, processors, plan, **kw)
-        if collector is not None:
-            collector.finalize()
-            collector.remove()
+        collector = _Collector(models, adapters, points, device) if with_stats else None
+        try:
+            with collector.running() if collector is not None else contextlib.nullcontext():
+                n = _run(models, data, processors, plan, **kw)
+                if collector is not None:
+                    collector.finalize()
+        finally:
+            if collector is not None:
+                collector.close()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return n / (time.perf_counter() - start)

@@ -200,6 +200,83 @@ def test_bad_input_errors(setup):
         statistics_points(ViTAdapter.from_model(models[0]), ("residual", "attn"))
 
 
+# ------------------------------------------------------------------------------------ products thread
+@pytest.mark.parametrize("pending_bytes", [256 << 20, 1])
+def test_background_products_equal_inline_bit_for_bit(setup, monkeypatch, pending_bytes):
+    """CPU products on the worker thread: the same operations in the same order as inline, so
+    the statistics are identical (the models run single-threaded in both: the worker leaves them
+    one core of two); with a 1-byte backlog every batch waits for the worker. The caller's torch
+    thread count survives the worker's own single-thread setting."""
+    import hf_vitmerge.stats as stats_mod
+    from hf_vitmerge.threads import intra_op_threads
+
+    _, models, data = setup
+    procs = [_processor()] * 2
+    points = statistics_points(ViTAdapter.from_model(models[0]), ("residual", "qk", "vo", "mlp", "fc1_in"))
+    monkeypatch.setattr(stats_mod, "usable_cores", lambda: 2)
+    runs = {}
+    for worker, threads in (("1", 1), ("0", 1), ("1", 2)):
+        monkeypatch.setenv("HF_VITMERGE_STATS_WORKER", worker)
+        monkeypatch.setattr(stats_mod, "PENDING_BYTES", pending_bytes)
+        with intra_op_threads(threads):
+            runs[worker, threads] = (
+                collect_joint_stats(models[:2], data, procs, points, batch_size=4, quiet=True),
+                collect_model_stats(models[0], data[0], procs[0], points, batch_size=4, quiet=True),
+            )
+            assert torch.get_num_threads() == threads
+    for runs_2t, runs_1t in zip(runs["1", 2], runs["1", 1], strict=True):  # the models ran on 1 thread
+        for p in points:
+            assert torch.equal(runs_2t[p].outer, runs_1t[p].outer), p
+    for with_worker, inline in zip(runs["1", 1], runs["0", 1], strict=True):
+        for p in points:
+            assert with_worker[p].count == inline[p].count > 0
+            assert torch.equal(with_worker[p].sum, inline[p].sum), p
+            assert torch.equal(with_worker[p].outer, inline[p].outer), p
+
+
+def test_background_products_error_reaches_the_caller(setup, monkeypatch):
+    """An error on the worker thread is raised by the collection; hooks are removed and the
+    thread count restored, so the models work as before."""
+    import hf_vitmerge.stats as stats_mod
+
+    _, models, data = setup
+    monkeypatch.setenv("HF_VITMERGE_STATS_WORKER", "1")
+    threads = torch.get_num_threads()
+
+    def hooks() -> int:
+        return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in models[0].modules())
+
+    before = hooks()
+
+    def broken(*_args, **_kwargs):
+        raise FloatingPointError("product failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(stats_mod, "_accumulate_product", broken)
+        with pytest.raises(FloatingPointError, match="product failed"):
+            collect_model_stats(models[0], data[0], _processor(), ["mlp.0"], batch_size=4, quiet=True)
+    assert torch.get_num_threads() == threads
+    assert hooks() == before
+    again = collect_model_stats(models[0], data[0], _processor(), ["mlp.0"], batch_size=4, quiet=True)
+    assert again["mlp.0"].count == 10 * (ViTAdapter.from_model(models[0]).spec.num_patches + 1)
+
+
+def test_worker_policy(monkeypatch):
+    import hf_vitmerge.stats as stats_mod
+
+    monkeypatch.delenv("HF_VITMERGE_STATS_WORKER", raising=False)
+    monkeypatch.setattr(stats_mod, "usable_cores", lambda: 2)
+    assert stats_mod._stats_worker_enabled("cpu") and not stats_mod._stats_worker_enabled("cpu", processes=2)
+    assert not stats_mod._stats_worker_enabled("cuda")
+    monkeypatch.setattr(stats_mod, "usable_cores", lambda: 1)
+    assert not stats_mod._stats_worker_enabled("cpu")
+    monkeypatch.setenv("HF_VITMERGE_STATS_WORKER", "1")
+    assert stats_mod._stats_worker_enabled("cpu")
+    monkeypatch.setenv("HF_VITMERGE_STATS_WORKER", "off")
+    monkeypatch.setattr(stats_mod, "usable_cores", lambda: 8)
+    assert not stats_mod._stats_worker_enabled("cpu")
+
+
 # ------------------------------------------------------------------------------------ cache
 def test_cache_skips_forward_passes(setup, tmp_path):
     _, models, data = setup
@@ -298,10 +375,9 @@ def test_float32_products_stay_within_1e6_of_float64(rows, monkeypatch):
     fast = FeatureStats.zeros(96)
     for chunk in x.split(rows // 3 + 1):
         fast.update(chunk)
-    collector_path = torch.zeros(96, 96, dtype=torch.float64)
-    stats_mod.accumulate_outer_(collector_path, x, scratch={})  # the collector's call
-    stats_mod.symmetrize_(collector_path)
-    for got in (fast.outer, collector_path):
+    one_call = torch.zeros(96, 96, dtype=torch.float64)
+    stats_mod.accumulate_outer_(one_call, x, scratch={})
+    for got in (fast.outer, one_call):
         err = _rel_error(got, exact)
         assert 0 < err <= 1e-6, err  # not exact (float32 products), but within the bound
     monkeypatch.setattr(stats_mod, "PRODUCT_DTYPE", torch.float64)

@@ -6,7 +6,6 @@ A model-level method receives a :class:`MergeContext` and returns a :class:`Merg
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import zlib
@@ -23,6 +22,7 @@ from ..data import DataError, TaskData, load_task_data
 from ..errors import ConfigError, HFVitMergeError
 from ..loading import ModelSource
 from ..streaming import StackBuffers, StreamReader, file_order
+from ..threads import intra_op_threads, usable_cores
 from ._stack import TensorStack
 from .registry import MethodSpec
 
@@ -210,25 +210,7 @@ def engine_workers() -> int:
     ``[K, *shape]`` buffer set)."""
     if os.environ.get("HF_VITMERGE_MERGE_THREADS"):
         return max(1, int(os.environ["HF_VITMERGE_MERGE_THREADS"]))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(2, min(4, cores))
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int):
-    """Run with ``n`` torch intra-op threads, restoring the caller's setting after. The engine's
-    workers each run single-threaded ops: concurrent OpenMP teams on few cores spin and stall."""
-    before = torch.get_num_threads()
-    if n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+    return max(2, min(4, usable_cores()))
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from transformers import (
     set_seed,
 )
 
-from ..methods.base import intra_op_threads
+from ..threads import intra_op_threads
 
 #: The normalisation every zoo model uses (pixels in [-1, 1]).
 IMAGE_MEAN = [0.5, 0.5, 0.5]
