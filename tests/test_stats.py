@@ -336,8 +336,8 @@ def test_two_processes_match_one(setup, tmp_path, launcher):
     procs = [AutoImageProcessor.from_pretrained(root / f"m{i}") for i in range(2)]
     points = statistics_points(ViTAdapter.from_model(models[0]), ("residual", "qk", "vo", "mlp"))
     # the workers run one thread each; so does the reference, so that the float32 forward passes are
-    # bitwise the same; what differs is how rows are grouped into the float32 products (each process
-    # gathers its own batches) and the float64 reduction order: float32 rounding, <= 1e-6
+    # bitwise the same, and so are the per-batch float32 products; what differs is the order in which
+    # the float64 totals add the batches (each process its own share, then the all-reduce), <= 1e-6
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
