@@ -266,7 +266,7 @@ class _Collector:
     speed.
     """
 
-    def __init__(self, models, adapters, points, device, *, processes: int = 1, worker: bool | None = None):
+    def __init__(self, models, adapters, points, device, *, processes: int = 1):
         self.n = len(models)
         self.points = list(points)
         self.device = torch.device(device)
@@ -274,11 +274,9 @@ class _Collector:
         self.parts: dict[str, int] = {}
         self.buffers: dict[str, list[list[torch.Tensor]]] = {}
         self.handles = []
-        self.touched: set[str] = set()  # points whose outer holds its lower blocks only
         self.scratch: dict = {}  # float32 product buffers, one per shape (used by one thread)
         self.cores = _cores_per_process(processes)
-        use_worker = _stats_worker_enabled(device, processes) if worker is None else worker
-        self.executor = _start_worker() if use_worker else None
+        self.executor = _start_worker() if _stats_worker_enabled(device, processes) else None
         self.pending: deque[tuple[Future, int]] = deque()
         self.pending_bytes = 0
         self.ready: list[tuple[str, list[list[torch.Tensor]]]] = []  # this batch's points, for the worker
@@ -382,7 +380,6 @@ class _Collector:
                         for j in range(i + 1):
                             block = st.outer[rows_i, j * d : (j + 1) * d]
                             _accumulate_product(block, fi, chunk[j], dtype, self.scratch)
-        self.touched.add(point)
 
     def finalize(self) -> dict[str, FeatureStats]:
         """Wait for the queued products, then mirror each outer product's lower blocks (exactly
@@ -391,9 +388,8 @@ class _Collector:
             self._submit_ready()
         while self.pending:
             self._wait_oldest()
-        for point in self.touched:
-            symmetrize_lower_(self.stats[point].outer)
-        self.touched.clear()
+        for st in self.stats.values():  # every point holds its lower blocks only (zeros stay zeros)
+            symmetrize_lower_(st.outer)
         self.scratch.clear()
         return self.stats
 
