@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .threads import intra_op_threads
+
 Transforms = tuple[list[torch.Tensor], list[torch.Tensor]]  # (merge matrices, unmerge matrices)
 
 
@@ -130,16 +132,49 @@ def zip_match(
     for m in range(num_models):
         if budget[m] <= 0:
             allowed &= ~torch.outer(member[:, m], member[:, m])
-    for _ in range(total - n_out):
-        masked = s.masked_fill(~allowed, neg)
-        flat = int(torch.argmax(masked))
-        if not allowed.view(-1)[flat]:  # nothing allowed is left: take the best remaining pair
+    with intra_op_threads(1):  # O(total) steps: a team of threads only adds synchronisation
+        _greedy_zip(s, member, group_of, active, budget, allowed, alpha, total - n_out)
+    ids = active.nonzero().flatten()
+    col = torch.full((total,), -1, dtype=torch.long)
+    col[ids] = torch.arange(ids.numel())
+    p = torch.zeros(total, n_out, dtype=torch.float64)
+    p[torch.arange(total), col[group_of]] = 1.0
+    merge = (p / p.sum(0, keepdim=True)).T
+    return [merge[:, m * n : (m + 1) * n].contiguous() for m in range(num_models)], [
+        p[m * n : (m + 1) * n].contiguous() for m in range(num_models)
+    ]
+
+
+def _greedy_zip(
+    s: torch.Tensor,
+    member: torch.Tensor,
+    group_of: torch.Tensor,
+    active: torch.Tensor,
+    budget: torch.Tensor,
+    allowed: torch.Tensor,
+    alpha: float,
+    steps: int,
+) -> None:
+    """The merge steps of :func:`zip_match`, updating its state tensors in place."""
+    neg = float("-inf")
+    total = s.shape[0]
+    # ``masked`` (= ``s`` where allowed, else -inf) and each row's maximum and its first column
+    # are kept up to date incrementally: a merge changes two rows and two columns, so a step costs
+    # O(total) instead of a full masked copy and argmax. The pair taken is the first maximum of
+    # ``masked`` in row-major order, as ``torch.argmax`` of the whole matrix would give.
+    masked = s.masked_fill(~allowed, neg)
+    row_max, row_arg = _row_maxima(masked)
+    for _ in range(steps):
+        r = int(torch.argmax(row_max))
+        if row_max[r] == neg:  # nothing allowed is left: take the best remaining pair
             live = torch.outer(active, active)
             live.fill_diagonal_(False)
             flat = int(torch.argmax(s.masked_fill(~live, neg)))
             if not live.view(-1)[flat]:
                 flat = int(torch.argmax(live.to(torch.int8)))
-        i, j = divmod(flat, total)
+            i, j = divmod(flat, total)
+        else:
+            i, j = r, int(row_arg[r])
         i, j = min(i, j), max(i, j)
         shared = member[i] & member[j]
         budget -= shared.long()
@@ -151,22 +186,45 @@ def zip_match(
         s[j], s[:, j] = neg, neg
         active[j] = False
         exhausted = budget <= 0
-        for m in (shared & exhausted).nonzero().flatten().tolist():
+        newly_spent = (shared & exhausted).nonzero().flatten().tolist()
+        for m in newly_spent:
             allowed &= ~torch.outer(member[:, m], member[:, m])
         conflict = (member & (member[i] & exhausted)).any(1)
         allowed[i] = active & ~conflict
         allowed[i, i] = False
         allowed[:, i] = allowed[i]
         allowed[j], allowed[:, j] = False, False
-    ids = active.nonzero().flatten()
-    col = torch.full((total,), -1, dtype=torch.long)
-    col[ids] = torch.arange(ids.numel())
-    p = torch.zeros(total, n_out, dtype=torch.float64)
-    p[torch.arange(total), col[group_of]] = 1.0
-    merge = (p / p.sum(0, keepdim=True)).T
-    return [merge[:, m * n : (m + 1) * n].contiguous() for m in range(num_models)], [
-        p[m * n : (m + 1) * n].contiguous() for m in range(num_models)
-    ]
+        if newly_spent:  # a model's budget ran out: many pairs were masked at once
+            masked = s.masked_fill(~allowed, neg)
+            row_max, row_arg = _row_maxima(masked)
+            continue
+        masked[i] = s[i].masked_fill(~allowed[i], neg)
+        masked[:, i] = s[:, i].masked_fill(~allowed[:, i], neg)
+        masked[j], masked[:, j] = neg, neg
+        _update_row_maxima(masked, row_max, row_arg, i, j)
+
+
+def _row_maxima(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum and the column of its first occurrence."""
+    arg = torch.argmax(masked, dim=1)
+    return masked.gather(1, arg[:, None]).squeeze(1), arg
+
+
+def _update_row_maxima(
+    masked: torch.Tensor, row_max: torch.Tensor, row_arg: torch.Tensor, i: int, j: int
+) -> None:
+    """Refresh the row maxima after rows and columns ``i < j`` of ``masked`` changed (column ``j``
+    to -inf): rows ``i``, ``j`` and those whose finite maximum sat in column ``i`` or ``j`` are
+    recomputed; every other row compares its maximum with its new entry in column ``i`` (a row of
+    -inf, which is never taken, may keep a stale column)."""
+    stale = ((row_arg == i) | (row_arg == j)) & (row_max > float("-inf"))  # rows of -inf stay so
+    stale[i] = stale[j] = True
+    value = masked[:, i]
+    better = ~stale & ((value > row_max) | ((value == row_max) & (row_arg > i)))
+    row_max[better] = value[better]
+    row_arg[better] = i
+    rows = stale.nonzero().flatten()
+    row_max[rows], row_arg[rows] = _row_maxima(masked[rows])
 
 
 def head_scores(sim: torch.Tensor, num_heads: int) -> torch.Tensor:

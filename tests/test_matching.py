@@ -105,6 +105,67 @@ def test_zip_within_model_budget():
     assert us0[0].sum(0).max() == 1 and us0[1].sum(0).max() == 1
 
 
+def _zip_groups_reference(sim, num_models, alpha, beta, n_out):
+    """The greedy zip written plainly (a full masked copy and argmax per merge step): the
+    feature -> group assignment that :func:`zip_match` must reproduce exactly."""
+    n = sim.shape[0] // num_models
+    total, neg = n * num_models, float("-inf")
+    s = torch.nan_to_num(sim.to(torch.float64).clone(), nan=0.0)
+    s.fill_diagonal_(neg)
+    member = torch.zeros(total, num_models, dtype=torch.bool)
+    member[torch.arange(total), torch.arange(total) // n] = True
+    group_of, active = torch.arange(total), torch.ones(total, dtype=torch.bool)
+    budget = torch.full((num_models,), int((((num_models - 1) * n) // num_models) * beta))
+    allowed = ~torch.eye(total, dtype=torch.bool)
+    for m in range(num_models):
+        if budget[m] <= 0:
+            allowed &= ~torch.outer(member[:, m], member[:, m])
+    for _ in range(total - n_out):
+        flat = int(torch.argmax(s.masked_fill(~allowed, neg)))
+        if not allowed.view(-1)[flat]:
+            live = torch.outer(active, active)
+            live.fill_diagonal_(False)
+            flat = int(torch.argmax(s.masked_fill(~live, neg)))
+            if not live.view(-1)[flat]:
+                flat = int(torch.argmax(live.to(torch.int8)))
+        i, j = sorted(divmod(flat, total))
+        shared = member[i] & member[j]
+        budget -= shared.long()
+        group_of[group_of == j] = i
+        member[i] |= member[j]
+        row = torch.minimum(s[i], s[j]) * alpha if alpha > 0 else torch.full_like(s[i], neg)
+        s[i], s[:, i] = row, row
+        s[i, i] = neg
+        s[j], s[:, j] = neg, neg
+        active[j] = False
+        exhausted = budget <= 0
+        for m in (shared & exhausted).nonzero().flatten().tolist():
+            allowed &= ~torch.outer(member[:, m], member[:, m])
+        conflict = (member & (member[i] & exhausted)).any(1)
+        allowed[i] = active & ~conflict
+        allowed[i, i] = False
+        allowed[:, i] = allowed[i]
+        allowed[j], allowed[:, j] = False, False
+    return group_of
+
+
+@pytest.mark.parametrize("num_models", [2, 3, 5])
+@pytest.mark.parametrize("alpha,beta", [(0.5, 0.5), (0.7, 1.0), (1.0, 0.0), (0.0, 1.0), (0.3, 0.25)])
+def test_zip_incremental_search_equals_full_argmax(num_models, alpha, beta):
+    """The incremental row-maximum search takes exactly the pairs a full argmax would, ties
+    included (similarities rounded to 0.1 so that many pairs tie), down to small n_out."""
+    n = 12
+    for seed, rounded, n_out in [(0, False, n), (1, True, n), (2, True, 3), (3, False, 1)]:
+        sim = torch.corrcoef(_features(num_models * n, samples=60, seed=seed).T)
+        if rounded:
+            sim = (sim * 10).round() / 10
+        _, us = zip_match(sim, num_models, alpha=alpha, beta=beta, n_out=n_out)
+        groups = _zip_groups_reference(sim, num_models, alpha, beta, n_out)
+        big_u = torch.cat(us, 0)
+        same = groups[:, None] == groups[None, :]  # the partition into merged features
+        assert torch.equal(big_u @ big_u.T > 0, same), (seed, rounded, n_out)
+
+
 def test_zip_rejects_bad_arguments():
     corr = torch.eye(6)
     with pytest.raises(ValueError, match="beta"):
