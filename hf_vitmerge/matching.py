@@ -119,21 +119,10 @@ def zip_match(
     total = n * num_models
     if not 1 <= n_out <= total:
         raise ValueError(f"n_out must be in [1, {total}], got {n_out}")
-    neg = float("-inf")
-    s = sim.detach().to(torch.float64).clone()
-    s = torch.nan_to_num(s, nan=0.0)
-    s.fill_diagonal_(neg)
-    member = torch.zeros(total, num_models, dtype=torch.bool)  # group -> models it holds
-    member[torch.arange(total), torch.arange(total) // n] = True
-    group_of = torch.arange(total)  # feature -> group id (a surviving row index)
-    active = torch.ones(total, dtype=torch.bool)
-    budget = torch.full((num_models,), int((((num_models - 1) * n) // num_models) * beta))
-    allowed = ~torch.eye(total, dtype=torch.bool)
-    for m in range(num_models):
-        if budget[m] <= 0:
-            allowed &= ~torch.outer(member[:, m], member[:, m])
+    state = _ZipState(sim, num_models, alpha, beta)
     with intra_op_threads(1):  # O(total) steps: a team of threads only adds synchronisation
-        _greedy_zip(s, member, group_of, active, budget, allowed, alpha, total - n_out)
+        _greedy_zip(state, total - n_out)
+    active, group_of = state.active, state.group_of
     ids = active.nonzero().flatten()
     col = torch.full((total,), -1, dtype=torch.long)
     col[ids] = torch.arange(ids.numel())
@@ -145,62 +134,92 @@ def zip_match(
     ]
 
 
-def _greedy_zip(
-    s: torch.Tensor,
-    member: torch.Tensor,
-    group_of: torch.Tensor,
-    active: torch.Tensor,
-    budget: torch.Tensor,
-    allowed: torch.Tensor,
-    alpha: float,
-    steps: int,
-) -> None:
-    """The merge steps of :func:`zip_match`, updating its state tensors in place."""
-    neg = float("-inf")
-    total = s.shape[0]
-    # ``masked`` (= ``s`` where allowed, else -inf) and each row's maximum and its first column
-    # are kept up to date incrementally: a merge changes two rows and two columns, so a step costs
-    # O(total) instead of a full masked copy and argmax. The pair taken is the first maximum of
-    # ``masked`` in row-major order, as ``torch.argmax`` of the whole matrix would give.
-    masked = s.masked_fill(~allowed, neg)
-    row_max, row_arg = _row_maxima(masked)
-    for _ in range(steps):
-        r = int(torch.argmax(row_max))
-        if row_max[r] == neg:  # nothing allowed is left: take the best remaining pair
-            live = torch.outer(active, active)
-            live.fill_diagonal_(False)
-            flat = int(torch.argmax(s.masked_fill(~live, neg)))
-            if not live.view(-1)[flat]:
-                flat = int(torch.argmax(live.to(torch.int8)))
-            i, j = divmod(flat, total)
-        else:
-            i, j = r, int(row_arg[r])
-        i, j = min(i, j), max(i, j)
+_NEG = float("-inf")
+
+
+class _ZipState:
+    """The state of a greedy zip and its merge step (:func:`zip_match`).
+
+    ``s``: current group similarities (float64, -inf on the diagonal and for merged-away groups);
+    ``member[g, m]``: group ``g`` holds features of model ``m``; ``group_of``: feature -> group id
+    (a surviving row index); ``active``: surviving groups; ``budget``: within-model merges left
+    per model; ``allowed``: pairs that may still be merged.
+    """
+
+    def __init__(self, sim: torch.Tensor, num_models: int, alpha: float, beta: float):
+        total = sim.shape[0]
+        n = total // num_models
+        self.alpha = alpha
+        self.s = torch.nan_to_num(sim.detach().to(torch.float64).clone(), nan=0.0)
+        self.s.fill_diagonal_(_NEG)
+        self.member = torch.zeros(total, num_models, dtype=torch.bool)
+        self.member[torch.arange(total), torch.arange(total) // n] = True
+        self.group_of = torch.arange(total)
+        self.active = torch.ones(total, dtype=torch.bool)
+        self.budget = torch.full((num_models,), int((((num_models - 1) * n) // num_models) * beta))
+        self.allowed = ~torch.eye(total, dtype=torch.bool)
+        for m in range(num_models):
+            if self.budget[m] <= 0:
+                self.allowed &= ~torch.outer(self.member[:, m], self.member[:, m])
+
+    def best_live_pair(self) -> tuple[int, int]:
+        """The most similar pair of surviving groups, allowed or not (when nothing allowed is left)."""
+        live = torch.outer(self.active, self.active)
+        live.fill_diagonal_(False)
+        flat = int(torch.argmax(self.s.masked_fill(~live, _NEG)))
+        if not live.view(-1)[flat]:
+            flat = int(torch.argmax(live.to(torch.int8)))
+        return divmod(flat, self.s.shape[0])
+
+    def merge(self, i: int, j: int) -> bool:
+        """Merge group ``j`` into group ``i`` (``i < j``): rows and columns ``i`` and ``j`` of ``s``
+        and ``allowed`` change. Returns whether a model's within-model budget ran out, which masks
+        many pairs at once."""
+        s, member, allowed = self.s, self.member, self.allowed
         shared = member[i] & member[j]
-        budget -= shared.long()
-        group_of[group_of == j] = i
+        self.budget -= shared.long()
+        self.group_of[self.group_of == j] = i
         member[i] |= member[j]
-        row = torch.minimum(s[i], s[j]) * alpha if alpha > 0 else torch.full_like(s[i], neg)
+        alpha = self.alpha
+        row = torch.minimum(s[i], s[j]) * alpha if alpha > 0 else torch.full_like(s[i], _NEG)
         s[i], s[:, i] = row, row
-        s[i, i] = neg
-        s[j], s[:, j] = neg, neg
-        active[j] = False
-        exhausted = budget <= 0
+        s[i, i] = _NEG
+        s[j], s[:, j] = _NEG, _NEG
+        self.active[j] = False
+        exhausted = self.budget <= 0
         newly_spent = (shared & exhausted).nonzero().flatten().tolist()
         for m in newly_spent:
             allowed &= ~torch.outer(member[:, m], member[:, m])
         conflict = (member & (member[i] & exhausted)).any(1)
-        allowed[i] = active & ~conflict
+        allowed[i] = self.active & ~conflict
         allowed[i, i] = False
         allowed[:, i] = allowed[i]
         allowed[j], allowed[:, j] = False, False
-        if newly_spent:  # a model's budget ran out: many pairs were masked at once
-            masked = s.masked_fill(~allowed, neg)
+        return bool(newly_spent)
+
+
+def _greedy_zip(state: _ZipState, steps: int) -> None:
+    """Take ``steps`` merges, each of the most similar allowed pair (the first maximum in
+    row-major order), or of :meth:`_ZipState.best_live_pair` when nothing allowed is left.
+
+    ``masked`` (= ``s`` where allowed, else -inf) and each row's maximum and its first column are
+    kept up to date incrementally: a merge changes two rows and two columns, so a step costs
+    O(total) instead of a full masked copy and argmax, and takes the pair that ``torch.argmax`` of
+    the whole matrix would give."""
+    s, allowed = state.s, state.allowed
+    masked = s.masked_fill(~allowed, _NEG)
+    row_max, row_arg = _row_maxima(masked)
+    for _ in range(steps):
+        r = int(torch.argmax(row_max))
+        i, j = state.best_live_pair() if row_max[r] == _NEG else (r, int(row_arg[r]))
+        i, j = min(i, j), max(i, j)
+        if state.merge(i, j):
+            masked = s.masked_fill(~allowed, _NEG)
             row_max, row_arg = _row_maxima(masked)
             continue
-        masked[i] = s[i].masked_fill(~allowed[i], neg)
-        masked[:, i] = s[:, i].masked_fill(~allowed[:, i], neg)
-        masked[j], masked[:, j] = neg, neg
+        masked[i] = s[i].masked_fill(~allowed[i], _NEG)
+        masked[:, i] = s[:, i].masked_fill(~allowed[:, i], _NEG)
+        masked[j], masked[:, j] = _NEG, _NEG
         _update_row_maxima(masked, row_max, row_arg, i, j)
 
 
@@ -217,7 +236,7 @@ def _update_row_maxima(
     to -inf): rows ``i``, ``j`` and those whose finite maximum sat in column ``i`` or ``j`` are
     recomputed; every other row compares its maximum with its new entry in column ``i`` (a row of
     -inf, which is never taken, may keep a stale column)."""
-    stale = ((row_arg == i) | (row_arg == j)) & (row_max > float("-inf"))  # rows of -inf stay so
+    stale = ((row_arg == i) | (row_arg == j)) & (row_max > _NEG)  # rows of -inf stay so
     stale[i] = stale[j] = True
     value = masked[:, i]
     better = ~stale & ((value > row_max) | ((value == row_max) & (row_arg > i)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_vitmerge.matching import (
+    _ZipState,
     assignment,
     head_index,
     head_scores,
@@ -106,47 +107,19 @@ def test_zip_within_model_budget():
 
 
 def _zip_groups_reference(sim, num_models, alpha, beta, n_out):
-    """The greedy zip written plainly (a full masked copy and argmax per merge step): the
-    feature -> group assignment that :func:`zip_match` must reproduce exactly."""
-    n = sim.shape[0] // num_models
-    total, neg = n * num_models, float("-inf")
-    s = torch.nan_to_num(sim.to(torch.float64).clone(), nan=0.0)
-    s.fill_diagonal_(neg)
-    member = torch.zeros(total, num_models, dtype=torch.bool)
-    member[torch.arange(total), torch.arange(total) // n] = True
-    group_of, active = torch.arange(total), torch.ones(total, dtype=torch.bool)
-    budget = torch.full((num_models,), int((((num_models - 1) * n) // num_models) * beta))
-    allowed = ~torch.eye(total, dtype=torch.bool)
-    for m in range(num_models):
-        if budget[m] <= 0:
-            allowed &= ~torch.outer(member[:, m], member[:, m])
+    """The greedy zip's pair choice written plainly (a full masked copy and argmax per merge step),
+    on the same merge step (:class:`_ZipState`): the feature -> group assignment that
+    :func:`zip_match`'s incremental search must reproduce exactly."""
+    state = _ZipState(sim, num_models, alpha, beta)
+    total = sim.shape[0]
     for _ in range(total - n_out):
-        flat = int(torch.argmax(s.masked_fill(~allowed, neg)))
-        if not allowed.view(-1)[flat]:
-            live = torch.outer(active, active)
-            live.fill_diagonal_(False)
-            flat = int(torch.argmax(s.masked_fill(~live, neg)))
-            if not live.view(-1)[flat]:
-                flat = int(torch.argmax(live.to(torch.int8)))
-        i, j = sorted(divmod(flat, total))
-        shared = member[i] & member[j]
-        budget -= shared.long()
-        group_of[group_of == j] = i
-        member[i] |= member[j]
-        row = torch.minimum(s[i], s[j]) * alpha if alpha > 0 else torch.full_like(s[i], neg)
-        s[i], s[:, i] = row, row
-        s[i, i] = neg
-        s[j], s[:, j] = neg, neg
-        active[j] = False
-        exhausted = budget <= 0
-        for m in (shared & exhausted).nonzero().flatten().tolist():
-            allowed &= ~torch.outer(member[:, m], member[:, m])
-        conflict = (member & (member[i] & exhausted)).any(1)
-        allowed[i] = active & ~conflict
-        allowed[i, i] = False
-        allowed[:, i] = allowed[i]
-        allowed[j], allowed[:, j] = False, False
-    return group_of
+        flat = int(torch.argmax(state.s.masked_fill(~state.allowed, float("-inf"))))
+        if state.allowed.view(-1)[flat]:
+            i, j = divmod(flat, total)
+        else:
+            i, j = state.best_live_pair()
+        state.merge(min(i, j), max(i, j))
+    return state.group_of
 
 
 @pytest.mark.parametrize("num_models", [2, 3, 5])
