@@ -5,8 +5,10 @@ Statistics are float64 running sums — ``count``, ``sum`` of features and ``out
 (the sums are all-reduced) and results can be cached on disk. Each batch's product ``F^T F`` is
 computed in float32 (a GEMM over at most :data:`PRODUCT_ROWS` rows) and added to the float64
 total, on CPU and CUDA alike (TF32 off): the relative error against an all-float64 path is ~1e-7
-(tested <= 1e-6) at a fraction of the cost. On CPU the products run on a background thread while
-the models compute the next activations (:class:`_Collector`).
+(tested <= 1e-6) at a fraction of the cost; collections take the per-batch feature sums in float32
+too. Points of one shape are staged and multiplied together, and on
+CPU the products run on a background thread while the models compute the next batch
+(:class:`_Collector`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ PRODUCT_DTYPE = torch.float32
 PRODUCT_ROWS = 8192
 #: features (bytes) that may wait for the background products thread before the models pause
 PENDING_BYTES = 256 << 20
+#: at most this many bytes of one batch's features per staging buffer shared by several points
+GROUP_BYTES = 32 << 20
 # point kind -> (module role, hook type, parts per model); "out" hooks read the module output
 _KINDS: dict[str, tuple[tuple[str, str], ...]] = {
     "qk": (("q", "out"), ("k", "out")),
@@ -202,8 +206,8 @@ def _accumulate_product(
         block.add_(buf)
 
 
-def _scratch(scratch: dict | None, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
-    """A ``[rows, cols]`` product buffer, cached in ``scratch``."""
+def _scratch(scratch: dict | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A product buffer of ``shape``, cached in ``scratch``."""
     key = (shape, dtype, str(device))
     if scratch is not None and key in scratch:
         return scratch[key]
@@ -247,61 +251,107 @@ def _stats_worker_enabled(device: str | torch.device, processes: int = 1) -> boo
     return _cores_per_process(processes) >= 2
 
 
+@dataclass
+class _Group:
+    """Points of one feature size and row count per batch, accumulated together.
+
+    Per batch each model's features are copied into one ``[P, N, parts * rows, d]`` buffer (point,
+    model, row, feature: every copy is contiguous) from a pool reused across batches, so the
+    models' own activations are freed at once and no new memory is touched after the first batch.
+    The products are batched over the ``P`` points (``torch.bmm``), one per lower pair of models
+    ``(i, j <= i)``, and the sums are one reduction of the whole buffer."""
+
+    points: list[str]
+    d: int  # features per model
+    parts: int  # row blocks per model and batch (a QK point: query and key outputs)
+    n: int  # models
+    sum: torch.Tensor  # [P, N d] float64
+    outer: torch.Tensor  # [P, N d, N d] float64 (lower blocks)
+    count: int = 0
+    staged: torch.Tensor | None = None  # this batch's buffer while the models fill it
+    rows: int = 0  # rows per part in this batch
+    writes: int = 0  # (point, model, part) blocks written into ``staged``
+
+    @property
+    def expected_writes(self) -> int:
+        return len(self.points) * self.n * self.parts
+
+
 class _Collector:
-    """Hooks on N models; a point's batch is accumulated when the last model has produced it.
+    """Hooks on N models; each batch's features are staged per point group and accumulated.
 
     Per batch and point, model ``i``'s rows ``F_i`` (of every part: a QK point's query and key
     outputs are rows of the same features) add ``F_i^T F_j`` (``j <= i``) to the lower blocks of
-    the float64 outer product, each taken in float32 (:data:`PRODUCT_DTYPE`) over at most
-    :data:`PRODUCT_ROWS` rows, and their column sums (float64) to the sum; :meth:`finalize`
-    mirrors the lower blocks. Nothing is copied or kept beyond the batch.
+    the float64 outer product, and their column sums to the sums, each product and sum taken in
+    float32 (:data:`PRODUCT_DTYPE`) over at most :data:`PRODUCT_ROWS` rows; :meth:`finalize`
+    mirrors the lower blocks. Points with the same feature size and rows share one staging buffer
+    and batched products (:class:`_Group`): at the zoo's sizes per-point products cost more in
+    operations than in flops, and holding the models' activations for them made the allocator
+    return and re-fault memory.
 
     On CPU with two or more cores (:func:`_stats_worker_enabled`) the products run on one
-    background thread with one intra-op thread, in submission order, while the models compute
-    the next activations on the others (:meth:`running`): the same operations in the same order
-    as inline, so the results are bit-identical, and at most :data:`PENDING_BYTES` of activations
-    wait for it. This relies on hooked activations not being modified in place by later layers,
-    as none are in transformers' ViT (4.x and 5.x). Measured on 2 cores (BENCHMARKS.md, issue 15):
-    the default alignment collection of two tiny ViTs went from 0.56 to about 0.7 of inference
-    speed.
+    background thread with one intra-op thread, handed over once per batch when the last model's
+    forward pass ends, while the models compute the next batch on the other core(s)
+    (:meth:`running`); every operation the worker runs costs the models the time to take Python's
+    lock back, hence few and large ones. The worker runs the same operations in the same order as
+    inline, so the results are bit-identical, and at most :data:`PENDING_BYTES` of staged features
+    wait for it. Inline, a group is accumulated as soon as the last model has written it. Features
+    are copied when the hook fires, so no later in-place change of an activation can reach them;
+    staging holds one batch of every point's features of all N models (plus what waits for the
+    worker). Measured on 2 cores (BENCHMARKS.md, issue 15): the default alignment collection of
+    two tiny ViTs runs at 0.67-0.73 of inference speed (per-point products: 0.56-0.61).
     """
 
-    def __init__(self, models, adapters, points, device, *, processes: int = 1):
+    def __init__(self, models, adapters, points, device, *, processes: int = 1, batch_size: int = 32):
         self.n = len(models)
         self.points = list(points)
         self.device = torch.device(device)
-        self.stats: dict[str, FeatureStats] = {}
-        self.parts: dict[str, int] = {}
-        self.buffers: dict[str, list[list[torch.Tensor]]] = {}
+        self.groups: list[_Group] = []
         self.handles = []
-        self.scratch: dict = {}  # float32 product buffers, one per shape (used by one thread)
+        self.scratch: dict = {}  # product buffers, one per shape (used by one thread)
+        self.free: dict[tuple, list[torch.Tensor]] = {}  # staging buffers by (shape, dtype)
         self.cores = _cores_per_process(processes)
         self.executor = _start_worker() if _stats_worker_enabled(device, processes) else None
         self.pending: deque[tuple[Future, int]] = deque()
         self.pending_bytes = 0
-        self.ready: list[tuple[str, list[list[torch.Tensor]]]] = []  # this batch's points, for the worker
+        self.ready: list[tuple[_Group, torch.Tensor]] = []  # this batch's complete groups, for the worker
         if self.executor is not None:  # the last model's forward ends a batch: hand it over at once
             self.handles.append(models[-1].register_forward_hook(lambda *_: self._submit_ready()))
+        tokens = adapters[0].spec.num_patches + 1
+        open_groups: dict[tuple[int, int, bool], _Group] = {}
         for point in self.points:
             kind, layer, d = _parse_point(point, adapters[0])
-            self.stats[point] = FeatureStats.zeros(self.n * d, device)
-            self.buffers[point] = [[] for _ in range(self.n)]
-            if kind in _GLOBAL_POINTS:
-                cls_only = kind != "residual_tokens"
-                for m, (model, adapter) in enumerate(zip(models, adapters, strict=True)):
-                    mod = adapter.module(model, "final_ln")
-                    self.handles.append(mod.register_forward_hook(self._out_hook(point, m, cls_only)))
-                self.parts[point] = 1
-                continue
-            hooks = _KINDS[kind]
-            self.parts[point] = len(hooks)
+            cls_only = kind in _GLOBAL_POINTS and kind != "residual_tokens"
+            hooks = (("final_ln", "out"),) if kind in _GLOBAL_POINTS else _KINDS[kind]
+            rows = batch_size * (1 if cls_only else tokens)
+            group = self._group_for(open_groups, (d, len(hooks), cls_only), rows)
+            group.points.append(point)
+            p = len(group.points) - 1
             for m, (model, adapter) in enumerate(zip(models, adapters, strict=True)):
-                for role, where in hooks:
+                for part, (role, where) in enumerate(hooks):
                     mod = adapter.module(model, role, layer)
                     if where == "out":
-                        self.handles.append(mod.register_forward_hook(self._out_hook(point, m, False)))
+                        hook = mod.register_forward_hook(self._out_hook(group, p, m, part, cls_only))
                     else:
-                        self.handles.append(mod.register_forward_pre_hook(self._in_hook(point, m)))
+                        hook = mod.register_forward_pre_hook(self._in_hook(group, p, m, part))
+                    self.handles.append(hook)
+        for g in self.groups:
+            size = self.n * g.d
+            g.sum = torch.zeros(len(g.points), size, dtype=torch.float64, device=self.device)
+            g.outer = torch.zeros(len(g.points), size, size, dtype=torch.float64, device=self.device)
+
+    def _group_for(self, open_groups: dict, key: tuple[int, int, bool], rows_per_part: int) -> _Group:
+        """The open group of ``key`` (feature size, parts, CLS only) if one more point keeps its
+        staging buffer within :data:`GROUP_BYTES`, else a new one."""
+        d, parts, _ = key
+        point_bytes = rows_per_part * parts * self.n * d * 4
+        group = open_groups.get(key)
+        if group is None or (len(group.points) + 1) * point_bytes > GROUP_BYTES:
+            empty = torch.empty(0)
+            group = _Group(points=[], d=d, parts=parts, n=self.n, sum=empty, outer=empty)
+            self.groups.append(group)
+            open_groups[key] = group
+        return group
 
     def running(self):
         """Context for the forward passes: with the worker on, the models get the cores it leaves
@@ -310,46 +360,60 @@ class _Collector:
             return contextlib.nullcontext()
         return intra_op_threads(max(1, min(torch.get_num_threads(), self.cores - 1)))
 
-    def _out_hook(self, point: str, m: int, cls_only: bool):
+    def _out_hook(self, group: _Group, p: int, m: int, part: int, cls_only: bool):
         def hook(_module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
-            self._add(point, m, out[:, 0] if cls_only else out)
+            self._stage(group, p, m, part, out[:, 0] if cls_only else out)
 
         return hook
 
-    def _in_hook(self, point: str, m: int):
+    def _in_hook(self, group: _Group, p: int, m: int, part: int):
         def hook(_module, inputs):
-            self._add(point, m, inputs[0])
+            self._stage(group, p, m, part, inputs[0])
 
         return hook
 
-    def _add(self, point: str, m: int, features: torch.Tensor) -> None:
-        buf = self.buffers[point]
-        buf[m].append(features.detach().reshape(-1, features.shape[-1]))
-        if m == self.n - 1 and len(buf[m]) == self.parts[point]:
-            self._flush(point)
+    def _stage(self, g: _Group, p: int, m: int, part: int, features: torch.Tensor) -> None:
+        """Copy one (point, model, part) block of this batch into the group's buffer; the last
+        block completes the group."""
+        f = features.reshape(-1, features.shape[-1])
+        if g.staged is None:
+            g.rows, g.writes = f.shape[0], 0
+            g.staged = self._take_buffer((len(g.points), self.n, g.parts * g.rows, g.d), f.dtype)
+        elif f.shape[0] != g.rows:
+            raise RuntimeError(
+                f"point {g.points[p]!r}: models produced different numbers of samples ({g.rows} and {f.shape[0]})"
+            )
+        r = g.rows
+        g.staged[p, m, part * r : (part + 1) * r].copy_(f)
+        g.writes += 1
+        if g.writes == g.expected_writes:
+            staged, g.staged = g.staged, None
+            if self.executor is None:
+                self._accumulate(g, staged)
+            else:
+                self.ready.append((g, staged))
 
-    def _flush(self, point: str) -> None:
-        """One batch of ``point`` is complete: accumulate it (inline, or queued for the worker)."""
-        parts = self.buffers[point]
-        self.buffers[point] = [[] for _ in range(self.n)]
-        rows = {sum(p.shape[0] for p in model_parts) for model_parts in parts}
-        if len(rows) != 1:
-            raise RuntimeError(f"point {point!r}: models produced different numbers of samples {rows}")
-        if self.executor is None:
-            self._accumulate(point, parts)
-        else:
-            self.ready.append((point, parts))
+    def _take_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A staging buffer from the pool, or a new one."""
+        dtype = torch.float64 if dtype == torch.float64 else PRODUCT_DTYPE
+        pool = self.free.get((shape, dtype))
+        if pool:
+            return pool.pop()
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _release_buffer(self, buf: torch.Tensor) -> None:
+        self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
 
     def _submit_ready(self) -> None:
-        """Queue the batch's complete points for the worker as one task (one hand-over per batch)."""
+        """Hand the batch's complete groups to the worker as one task."""
         if not self.ready:
             return
         items, self.ready = self.ready, []
-        nbytes = sum(p.numel() * p.element_size() for _, parts in items for ps in parts for p in ps)
+        nbytes = sum(s.numel() * s.element_size() for _, s in items)
         self.pending.append((self.executor.submit(self._accumulate_all, items), nbytes))
         self.pending_bytes += nbytes
-        while self.pending and self.pending_bytes > PENDING_BYTES:
+        while self.pending and (self.pending_bytes > PENDING_BYTES or self.pending[0][0].done()):
             self._wait_oldest()
 
     def _wait_oldest(self) -> None:
@@ -357,41 +421,46 @@ class _Collector:
         self.pending_bytes -= nbytes
         future.result()  # re-raises the worker's error in the caller
 
-    def _accumulate_all(self, items: list[tuple[str, list[list[torch.Tensor]]]]) -> None:
-        for point, parts in items:
-            self._accumulate(point, parts)
+    def _accumulate_all(self, items: list[tuple[_Group, torch.Tensor]]) -> None:
+        for g, staged in items:
+            self._accumulate(g, staged)
 
-    def _accumulate(self, point: str, parts: list[list[torch.Tensor]]) -> None:
-        """Add one batch (``parts[m]``: model m's row blocks) to the point's count, sums and the
-        lower blocks of its outer product."""
-        st = self.stats[point]
-        d = st.dim // self.n
+    def _accumulate(self, g: _Group, staged: torch.Tensor) -> None:
+        """Add one batch (``staged[p]``: point p's rows) to the group's count and the lower blocks
+        of its totals; the buffer returns to the pool."""
         exact = _fp32_exact() if self.device.type == "cuda" else contextlib.nullcontext()
+        g.count += staged.shape[2]
+        d = g.d
         with torch.inference_mode(), exact:
-            for p in range(len(parts[0])):
-                for start in range(0, parts[0][p].shape[0], PRODUCT_ROWS):
-                    chunk = [model_parts[p][start : start + PRODUCT_ROWS] for model_parts in parts]
-                    dtype = _product_dtype(chunk[0])
-                    chunk = [f if f.dtype == dtype else f.to(dtype) for f in chunk]
-                    st.count += chunk[0].shape[0]
-                    for i, fi in enumerate(chunk):
-                        rows_i = slice(i * d, (i + 1) * d)
-                        st.sum[rows_i].add_(fi.sum(0, dtype=torch.float64))
-                        for j in range(i + 1):
-                            block = st.outer[rows_i, j * d : (j + 1) * d]
-                            _accumulate_product(block, fi, chunk[j], dtype, self.scratch)
+            for start in range(0, staged.shape[2], PRODUCT_ROWS):
+                x = staged if staged.shape[2] <= PRODUCT_ROWS else staged[:, :, start : start + PRODUCT_ROWS]
+                g.sum.add_(x.sum(2).flatten(1))
+                for i in range(self.n):
+                    for j in range(i + 1):
+                        block = g.outer[:, i * d : (i + 1) * d, j * d : (j + 1) * d]
+                        _accumulate_batched_product(block, x[:, i], x[:, j], self.scratch)
+        self._release_buffer(staged)
 
     def finalize(self) -> dict[str, FeatureStats]:
-        """Wait for the queued products, then mirror each outer product's lower blocks (exactly
-        symmetric totals)."""
+        """Wait for the queued products, then give each point its statistics with the outer
+        product's lower blocks mirrored (exactly symmetric totals)."""
         if self.executor is not None:
             self._submit_ready()
         while self.pending:
             self._wait_oldest()
-        for st in self.stats.values():  # every point holds its lower blocks only (zeros stay zeros)
-            symmetrize_lower_(st.outer)
+        if any(g.staged is not None for g in self.groups):
+            raise RuntimeError(
+                "a batch of statistics was left incomplete (a model's forward pass did not finish)"
+            )
+        stats = {}
+        for g in self.groups:
+            for p, point in enumerate(g.points):
+                outer = g.outer[p].clone()
+                symmetrize_lower_(outer)
+                stats[point] = FeatureStats(g.count, g.sum[p].clone(), outer)
         self.scratch.clear()
-        return self.stats
+        self.free.clear()
+        return {point: stats[point] for point in self.points}
 
     def close(self) -> None:
         """Remove the hooks and stop the worker (dropping queued work if :meth:`finalize` was not
@@ -405,6 +474,19 @@ class _Collector:
         self.pending.clear()
         self.pending_bytes = 0
         self.ready = []
+        for g in self.groups:
+            g.staged = None
+        self.free.clear()
+
+
+def _accumulate_batched_product(
+    total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: dict | None
+) -> None:
+    """``total[p] += a[p]^T b[p]`` for a stack of points (float64 ``total``, possibly a view); the
+    product is taken in the dtype of ``a`` and ``b`` (float32, or float64 on the exact path)."""
+    buf = _scratch(scratch, (a.shape[0], a.shape[2], b.shape[2]), a.dtype, total.device)
+    torch.bmm(a.transpose(1, 2), b, out=buf)
+    total.add_(buf)
 
 
 def _start_worker() -> ThreadPoolExecutor:
@@ -617,7 +699,7 @@ def _collect(
     for m in models:
         m.to(device).eval()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine (torchrun)
-    collector = _Collector(models, adapters, points, device, processes=local)
+    collector = _Collector(models, adapters, points, device, processes=local, batch_size=batch_size)
     plan = _batch_plan(data, batch_size)[rank::world]
     try:
         with collector.running():
@@ -733,7 +815,9 @@ def benchmark_throughput(
 
     def timed(with_stats: bool) -> float:
         start = time.perf_counter()
-        collector = _Collector(models, adapters, points, device) if with_stats else None
+        collector = (
+            _Collector(models, adapters, points, device, batch_size=batch_size) if with_stats else None
+        )
         try:
             with collector.running() if collector is not None else contextlib.nullcontext():
                 n = _run(models, data, processors, plan, **kw)
