@@ -299,7 +299,7 @@ class _Collector:
     are copied when the hook fires, so no later in-place change of an activation can reach them;
     staging holds one batch of every point's features of all N models (plus what waits for the
     worker). Measured on 2 cores (BENCHMARKS.md, issue 15): the default alignment collection of
-    two tiny ViTs runs at 0.67-0.73 of inference speed (per-point products: 0.56-0.61).
+    two tiny ViTs runs at 0.66-0.70 of inference speed (per-point products: 0.57-0.58).
     """
 
     def __init__(self, models, adapters, points, device, *, processes: int = 1, batch_size: int = 32):
