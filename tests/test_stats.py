@@ -449,7 +449,7 @@ def test_collected_grams_within_1e6_of_float64_path(setup, monkeypatch):
         for p in points:
             assert fast[p].count == ref[p].count
             assert _rel_error(fast[p].gram(), ref[p].gram()) <= 1e-6, p
-            # the sums are products with a column of ones: float32 per batch, float64 totals
+            # the per-batch sums are float32, like the products; the totals float64
             scale = float(ref[p].sum.abs().max())
             torch.testing.assert_close(fast[p].sum, ref[p].sum, rtol=1e-6, atol=1e-6 * scale)
             assert torch.equal(fast[p].outer, fast[p].outer.T)
