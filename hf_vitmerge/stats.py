@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -268,13 +268,47 @@ class _Group:
     sum: torch.Tensor  # [P, N d] float64
     outer: torch.Tensor  # [P, N d, N d] float64 (lower blocks)
     count: int = 0
-    staged: torch.Tensor | None = None  # this batch's buffer while the models fill it
+    staged: _Staging | None = None  # this batch's buffer while the models fill it
+    sum_blocks: torch.Tensor | None = None  # ``sum`` as [P, N, d]
+    blocks: list = field(default_factory=list)  # (i, j, view of ``outer``'s block) for j <= i
     rows: int = 0  # rows per part in this batch
     writes: int = 0  # (point, model, part) blocks written into ``staged``
 
     @property
     def expected_writes(self) -> int:
         return len(self.points) * self.n * self.parts
+
+    def allocate(self, device: torch.device) -> None:
+        """The float64 totals, and the views the products add to (made once: each view is an
+        operation that would otherwise take Python's lock on every batch)."""
+        num, n, d = len(self.points), self.n, self.d
+        self.sum = torch.zeros(num, n * d, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(num, n * d, n * d, dtype=torch.float64, device=device)
+        self.sum_blocks = self.sum.view(num, n, d)
+        self.blocks = [
+            (i, j, self.outer[:, i * d : (i + 1) * d, j * d : (j + 1) * d])
+            for i in range(n)
+            for j in range(i + 1)
+        ]
+
+
+class _Staging:
+    """One ``[P, N, rows, d]`` staging buffer and its views: ``dest[p][m][part]`` for the hooks'
+    copies, ``models[i]`` (``[P, rows, d]``) for the products."""
+
+    def __init__(self, buf: torch.Tensor, parts: int):
+        self.buf = buf
+        self.key = (tuple(buf.shape), buf.dtype, parts)  # the pool's key
+        num, n, rows, _ = buf.shape
+        r = rows // parts
+        self.dest = [
+            [[buf[p, m, k * r : (k + 1) * r] for k in range(parts)] for m in range(n)] for p in range(num)
+        ]
+        self.models = [buf[:, i] for i in range(n)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size()
 
 
 class _Collector:
@@ -309,12 +343,12 @@ class _Collector:
         self.groups: list[_Group] = []
         self.handles = []
         self.scratch: dict = {}  # product buffers, one per shape (used by one thread)
-        self.free: dict[tuple, list[torch.Tensor]] = {}  # staging buffers by (shape, dtype)
+        self.free: dict[tuple, list[_Staging]] = {}  # staging buffers by (shape, dtype, parts)
         self.cores = _cores_per_process(processes)
         self.executor = _start_worker() if _stats_worker_enabled(device, processes) else None
         self.pending: deque[tuple[Future, int]] = deque()
         self.pending_bytes = 0
-        self.ready: list[tuple[_Group, torch.Tensor]] = []  # this batch's complete groups, for the worker
+        self.ready: list[tuple[_Group, _Staging]] = []  # this batch's complete groups, for the worker
         if self.executor is not None:  # the last model's forward ends a batch: hand it over at once
             self.handles.append(models[-1].register_forward_hook(lambda *_: self._submit_ready()))
         tokens = adapters[0].spec.num_patches + 1
@@ -336,9 +370,7 @@ class _Collector:
                         hook = mod.register_forward_pre_hook(self._in_hook(group, p, m, part))
                     self.handles.append(hook)
         for g in self.groups:
-            size = self.n * g.d
-            g.sum = torch.zeros(len(g.points), size, dtype=torch.float64, device=self.device)
-            g.outer = torch.zeros(len(g.points), size, size, dtype=torch.float64, device=self.device)
+            g.allocate(self.device)
 
     def _group_for(self, open_groups: dict, key: tuple[int, int, bool], rows_per_part: int) -> _Group:
         """The open group of ``key`` (feature size, parts, CLS only) if one more point keeps its
@@ -379,13 +411,12 @@ class _Collector:
         f = features.reshape(-1, features.shape[-1])
         if g.staged is None:
             g.rows, g.writes = f.shape[0], 0
-            g.staged = self._take_buffer((len(g.points), self.n, g.parts * g.rows, g.d), f.dtype)
+            g.staged = self._take_buffer((len(g.points), self.n, g.parts * g.rows, g.d), f.dtype, g.parts)
         elif f.shape[0] != g.rows:
             raise RuntimeError(
                 f"point {g.points[p]!r}: models produced different numbers of samples ({g.rows} and {f.shape[0]})"
             )
-        r = g.rows
-        g.staged[p, m, part * r : (part + 1) * r].copy_(f)
+        g.staged.dest[p][m][part].copy_(f)
         g.writes += 1
         if g.writes == g.expected_writes:
             staged, g.staged = g.staged, None
@@ -394,23 +425,23 @@ class _Collector:
             else:
                 self.ready.append((g, staged))
 
-    def _take_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _take_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, parts: int) -> _Staging:
         """A staging buffer from the pool, or a new one."""
         dtype = torch.float64 if dtype == torch.float64 else PRODUCT_DTYPE
-        pool = self.free.get((shape, dtype))
+        pool = self.free.get((shape, dtype, parts))
         if pool:
             return pool.pop()
-        return torch.empty(shape, dtype=dtype, device=self.device)
+        return _Staging(torch.empty(shape, dtype=dtype, device=self.device), parts)
 
-    def _release_buffer(self, buf: torch.Tensor) -> None:
-        self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+    def _release_buffer(self, staged: _Staging) -> None:
+        self.free.setdefault(staged.key, []).append(staged)
 
     def _submit_ready(self) -> None:
         """Hand the batch's complete groups to the worker as one task."""
         if not self.ready:
             return
         items, self.ready = self.ready, []
-        nbytes = sum(s.numel() * s.element_size() for _, s in items)
+        nbytes = sum(s.nbytes for _, s in items)
         self.pending.append((self.executor.submit(self._accumulate_all, items), nbytes))
         self.pending_bytes += nbytes
         while self.pending and (self.pending_bytes > PENDING_BYTES or self.pending[0][0].done()):
@@ -421,24 +452,26 @@ class _Collector:
         self.pending_bytes -= nbytes
         future.result()  # re-raises the worker's error in the caller
 
-    def _accumulate_all(self, items: list[tuple[_Group, torch.Tensor]]) -> None:
+    def _accumulate_all(self, items: list[tuple[_Group, _Staging]]) -> None:
         for g, staged in items:
             self._accumulate(g, staged)
 
-    def _accumulate(self, g: _Group, staged: torch.Tensor) -> None:
-        """Add one batch (``staged[p]``: point p's rows) to the group's count and the lower blocks
-        of its totals; the buffer returns to the pool."""
+    def _accumulate(self, g: _Group, staged: _Staging) -> None:
+        """Add one batch (``staged.buf[p]``: point p's rows per model) to the group's count, sums
+        and the lower blocks of its outer products; the buffer returns to the pool."""
         exact = _fp32_exact() if self.device.type == "cuda" else contextlib.nullcontext()
-        g.count += staged.shape[2]
-        d = g.d
+        rows = staged.buf.shape[2]
+        g.count += rows
         with torch.inference_mode(), exact:
-            for start in range(0, staged.shape[2], PRODUCT_ROWS):
-                x = staged if staged.shape[2] <= PRODUCT_ROWS else staged[:, :, start : start + PRODUCT_ROWS]
-                g.sum.add_(x.sum(2).flatten(1))
-                for i in range(self.n):
-                    for j in range(i + 1):
-                        block = g.outer[:, i * d : (i + 1) * d, j * d : (j + 1) * d]
-                        _accumulate_batched_product(block, x[:, i], x[:, j], self.scratch)
+            for start in range(0, rows, PRODUCT_ROWS):
+                if rows <= PRODUCT_ROWS:
+                    x, models = staged.buf, staged.models
+                else:
+                    x = staged.buf[:, :, start : start + PRODUCT_ROWS]
+                    models = [x[:, i] for i in range(self.n)]
+                g.sum_blocks.add_(x.sum(2))
+                for i, j, block in g.blocks:
+                    _accumulate_batched_product(block, models[i], models[j], self.scratch)
         self._release_buffer(staged)
 
     def finalize(self) -> dict[str, FeatureStats]:
