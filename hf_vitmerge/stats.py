@@ -6,9 +6,8 @@ Statistics are float64 running sums — ``count``, ``sum`` of features and ``out
 computed in float32 (a GEMM over at most :data:`PRODUCT_ROWS` rows) and added to the float64
 total, on CPU and CUDA alike (TF32 off): the relative error against an all-float64 path is ~1e-7
 (tested <= 1e-6) at a fraction of the cost; collections take the per-batch feature sums in float32
-too. Points of one shape are staged and multiplied together, and on
-CPU the products run on a background thread while the models compute the next batch
-(:class:`_Collector`).
+too. Points of one shape are staged and multiplied together, and on CPU the products run on a
+background thread while the models compute the next batch (:class:`_Collector`).
 """
 
 from __future__ import annotations
