@@ -175,8 +175,9 @@ def _parse_point(point: str, adapter: ViTAdapter) -> tuple[str, int | None, int]
     return kind, layer, s.intermediate_size if kind == "mlp" else s.hidden_size
 
 
-def _product_dtype(f: torch.Tensor) -> torch.dtype:
-    return torch.float64 if f.dtype == torch.float64 else PRODUCT_DTYPE
+def _product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products of features of ``dtype`` are taken in (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else PRODUCT_DTYPE
 
 
 def accumulate_outer_(outer: torch.Tensor, f: torch.Tensor, *, scratch: dict | None = None) -> None:
@@ -184,25 +185,19 @@ def accumulate_outer_(outer: torch.Tensor, f: torch.Tensor, *, scratch: dict | N
     of ``f`` is computed in float32 (float64 when ``f`` is float64 or :data:`PRODUCT_DTYPE` says so;
     TF32 off on CUDA) and added to it. ``scratch`` caches the float32 product buffer between calls.
     The result is symmetric up to rounding (:meth:`FeatureStats.covariance` symmetrizes)."""
-    dtype = _product_dtype(f)
+    dtype = _product_dtype(f.dtype)
     f = f.to(dtype)
     with _fp32_exact() if f.is_cuda else contextlib.nullcontext():
-        _accumulate_product(outer, f, f, dtype, scratch)
-
-
-def _accumulate_product(
-    block: torch.Tensor, fi: torch.Tensor, fj: torch.Tensor, dtype: torch.dtype, scratch: dict | None
-) -> None:
-    """``block += fi^T fj`` (float64 ``block``, possibly a view; products over at most
-    :data:`PRODUCT_ROWS` rows in ``dtype``)."""
-    if dtype == torch.float64:
-        for start in range(0, fi.shape[0], PRODUCT_ROWS):
-            block.addmm_(fi[start : start + PRODUCT_ROWS].T, fj[start : start + PRODUCT_ROWS])
-        return
-    buf = _scratch(scratch, (fi.shape[1], fj.shape[1]), dtype, block.device)
-    for start in range(0, fi.shape[0], PRODUCT_ROWS):
-        torch.mm(fi[start : start + PRODUCT_ROWS].T, fj[start : start + PRODUCT_ROWS], out=buf)
-        block.add_(buf)
+        if dtype == torch.float64:
+            for start in range(0, f.shape[0], PRODUCT_ROWS):
+                rows = f[start : start + PRODUCT_ROWS]
+                outer.addmm_(rows.T, rows)
+            return
+        buf = _scratch(scratch, (f.shape[1], f.shape[1]), dtype, outer.device)
+        for start in range(0, f.shape[0], PRODUCT_ROWS):
+            rows = f[start : start + PRODUCT_ROWS]
+            torch.mm(rows.T, rows, out=buf)
+            outer.add_(buf)
 
 
 def _scratch(scratch: dict | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -264,8 +259,8 @@ class _Group:
     d: int  # features per model
     parts: int  # row blocks per model and batch (a QK point: query and key outputs)
     n: int  # models
-    sum: torch.Tensor  # [P, N d] float64
-    outer: torch.Tensor  # [P, N d, N d] float64 (lower blocks)
+    sum: torch.Tensor | None = None  # [P, N d] float64 (made by ``allocate``)
+    outer: torch.Tensor | None = None  # [P, N d, N d] float64 (lower blocks)
     count: int = 0
     staged: _Staging | None = None  # this batch's buffer while the models fill it
     sum_blocks: torch.Tensor | None = None  # ``sum`` as [P, N, d]
@@ -378,8 +373,7 @@ class _Collector:
         point_bytes = rows_per_part * parts * self.n * d * 4
         group = open_groups.get(key)
         if group is None or (len(group.points) + 1) * point_bytes > GROUP_BYTES:
-            empty = torch.empty(0)
-            group = _Group(points=[], d=d, parts=parts, n=self.n, sum=empty, outer=empty)
+            group = _Group(points=[], d=d, parts=parts, n=self.n)
             self.groups.append(group)
             open_groups[key] = group
         return group
@@ -426,7 +420,7 @@ class _Collector:
 
     def _take_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, parts: int) -> _Staging:
         """A staging buffer from the pool, or a new one."""
-        dtype = torch.float64 if dtype == torch.float64 else PRODUCT_DTYPE
+        dtype = _product_dtype(dtype)
         pool = self.free.get((shape, dtype, parts))
         if pool:
             return pool.pop()
