@@ -6,13 +6,14 @@ Public API::
     sources = hv.load_models(["org/vit-a", "./vit-b"], revisions=["v1", None])
     model = hv.merge(["org/vit-a", "./vit-b"], method="task_arithmetic", base_model="org/vit-base", scaling=0.3,
                      out_dir="merged")  # out_dir: also write the complete folder (weights, processor, card)
+    hv.save_merged(model, "merged-copy", push_to_hub="me/vit-ab")  # the same folder, later (and a push)
     run = hv.run_merge("examples/shapes-tasks-ties.yaml", "out/ties")
     scores = hv.evaluate_model("out/ties", "zoo/shapes-tasks/suite.json")
 """
 
 from . import modeling  # noqa: E402,F401  (registers merged-model classes with the Auto classes)
 from ._version import __version__
-from .api import bench, merge, run_merge, suite_config  # noqa: E402
+from .api import bench, merge, run_merge, save_merged, suite_config  # noqa: E402
 from .arch import IncompatibleModelError, MergeGroup, ViTAdapter  # noqa: E402
 from .config import MergeConfig, load_config  # noqa: E402
 from .errors import ConfigError, HFVitMergeError, InputError, OutputError  # noqa: E402
@@ -48,5 +49,6 @@ __all__ = [
     "reference_results",
     "resolve_model",
     "run_merge",
+    "save_merged",
     "suite_config",
 ]

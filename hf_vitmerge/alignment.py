@@ -32,6 +32,7 @@ import torch
 
 from .arch import MergeGroup, ViTAdapter
 from .assembly import assemble
+from .errors import ConfigError
 from .matching import (
     Transforms,
     hungarian_match,
@@ -156,7 +157,7 @@ def solve_unit(
     matched (or zipped) within each matched head.
     """
     if solver not in ("hungarian", "zip"):
-        raise ValueError(f"solver must be 'hungarian' or 'zip', got {solver!r}")
+        raise ConfigError(f"solver must be 'hungarian' or 'zip', got {solver!r}")
     heads = unit[0].num_heads
     if heads:
         head_perms, perms = match_heads([sims[g.name] for g in unit], num_models, heads, reference)
@@ -228,7 +229,11 @@ def load_states(ctx, keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
     return states
 
 
-RESIDUAL_FEATURES = ("cls", "tokens", "layernorms")
+#: where the residual stream's statistics come from (see :func:`residual_points`)
+ResidualFeatures = Literal["cls", "tokens", "layernorms"]
+RESIDUAL_FEATURES = get_args(ResidualFeatures)
+#: which models' features a matching compares each model to (:func:`~hf_vitmerge.matching.reference_similarity`)
+Reference = Literal["first", "mean"]
 #: statistics of a block's QK group: ``"k"``, the key projection's outputs (as MuDSC's released
 #: code), or ``"qk"``, query and key outputs stacked as samples of the same features
 QKFeatures = Literal["k", "qk"]
@@ -250,7 +255,7 @@ def residual_points(
     output (every token), and ``"layernorms"`` adds the ln1/ln2 outputs of the trunk blocks.
     """
     if residual_features not in RESIDUAL_FEATURES:
-        raise ValueError(
+        raise ConfigError(
             f"residual_features must be one of {', '.join(RESIDUAL_FEATURES)}, got {residual_features!r}"
         )
     num = adapter.spec.num_layers
@@ -280,7 +285,7 @@ def alignment_points(
     architecture), the point whose correlations align it (a QK group's key outputs with
     ``qk_features="k"``, its query and key outputs with ``"qk"``)."""
     if qk_features not in QK_FEATURES:
-        raise ValueError(f"qk_features must be one of {', '.join(QK_FEATURES)}, got {qk_features!r}")
+        raise ConfigError(f"qk_features must be one of {', '.join(QK_FEATURES)}, got {qk_features!r}")
     groups = adapter.groups() if groups is None else groups
     point_of = {
         g.name: f"k_out.{g.layer}" if g.kind == "qk" and qk_features == "k" else g.name
@@ -381,14 +386,14 @@ def resolve_stop_block(stop_block: int | float | None, num_layers: int) -> int |
     if stop_block is None:
         return None
     if isinstance(stop_block, bool):
-        raise ValueError(f"stop_block must be an int, a fraction or null, got {stop_block!r}")
+        raise ConfigError(f"stop_block must be an int, a fraction or null, got {stop_block!r}")
     if isinstance(stop_block, float) and not stop_block.is_integer():
         if not 0.0 < stop_block < 1.0:
-            raise ValueError(f"a fractional stop_block must be in (0, 1), got {stop_block}")
+            raise ConfigError(f"a fractional stop_block must be in (0, 1), got {stop_block}")
         return int(round(stop_block * num_layers))
     stop = int(stop_block)
     if not 0 <= stop <= num_layers:
-        raise ValueError(f"stop_block must be in [0, {num_layers}] (the model has {num_layers} blocks)")
+        raise ConfigError(f"stop_block must be in [0, {num_layers}] (the model has {num_layers} blocks)")
     return stop
 
 

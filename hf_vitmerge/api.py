@@ -1,5 +1,6 @@
 """The public workflows: ``run_merge`` (merge -> evaluate -> card -> atomic save -> push),
-``bench`` (several methods on one suite); the demo is in :mod:`hf_vitmerge.showcase`."""
+``merge`` and ``save_merged`` (the same in two calls), ``bench`` (several methods on one suite);
+the demo is in :mod:`hf_vitmerge.showcase`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import statistics
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +158,47 @@ def run_merge(
     return run
 
 
+# what ``merge()`` returned -> its context, so that ``save_merged`` can write the card (a weak
+# mapping: the model carries no reference that would follow it into pickles or copies)
+_MERGE_CONTEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def save_merged(
+    model: PreTrainedModel,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> MergeRun:
+    """Write the complete folder of a model returned by :func:`merge`: weights, config, image
+    processor, ``merge_config.yaml`` and the model card, atomically, as ``merge(..., out_dir=...)``
+    and ``run_merge`` do (``pipeline("image-classification", model=out_dir)`` loads it); then
+    upload it with ``push_to_hub`` (a failed push raises ``hf_vitmerge.hub.PushError`` and keeps
+    the folder). An existing non-empty folder is refused unless ``overwrite``.
+
+    ``model.save_pretrained`` writes the weights and config only. Only a model that ``merge()``
+    returned in this process can be saved this way (the card needs the merge's inputs)."""
+    ctx = _MERGE_CONTEXTS.get(model)
+    if ctx is None:
+        raise InputError(
+            "save_merged: this model was not returned by hf_vitmerge.merge() in this process, so its "
+            "inputs are unknown and no model card can be written. Save it with model.save_pretrained(), "
+            "or merge with merge(..., out_dir=...)."
+        )
+    if push_to_hub:
+        _check_repo_id(push_to_hub)
+    out = check_output_dir(out_dir, overwrite)
+    info = getattr(model, "merge_info", {})
+    save_atomically(out, lambda tmp: save_merged_model(ctx, model, info, None, tmp), overwrite)
+    run = MergeRun(path=out, model=model, info=info, context=ctx)
+    if push_to_hub:
+        from .hub import push_folder
+
+        run.push_url = push_folder(out, push_to_hub, private=private)
+    return run
+
+
 def _check_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -213,8 +256,9 @@ def merge(
     With ``out_dir`` the complete model folder is written too, atomically (weights, config,
     image processor, ``merge_config.yaml`` and the model card), ready for
     ``pipeline("image-classification", model=out_dir)``; an existing non-empty folder is
-    refused unless ``overwrite``. The input models are released when the merge is done; the
-    result carries only ``merge_info`` (timings and method facts).
+    refused unless ``overwrite``. Without it, :func:`save_merged` writes the same folder later
+    (and can push it). The input models are released when the merge is done; the result carries
+    only ``merge_info`` (timings and method facts).
     """
     config = _merge_config(
         models, method, base_model, revisions, tasks, data, heads, seed, device, calibration, parameters
@@ -224,8 +268,9 @@ def merge(
         model, info = execute(ctx)
     else:
         run = run_merge(config, out_dir, overwrite=overwrite, quiet=quiet)
-        model, info = run.model, run.info
+        model, info, ctx = run.model, run.info, run.context
     model.merge_info = info
+    _MERGE_CONTEXTS[model] = ctx
     return model
 
 
@@ -461,7 +506,9 @@ def aggregate_seeds(method: str, runs: list[dict], *, with_seeds: bool = True) -
         return {"method": method, **run}
     tasks = list(runs[0]["per_task_accuracy"])
     result = {"method": method, "params": runs[0]["params"], "seeds": [r["seed"] for r in runs]}
-    result["per_task_accuracy"] = {t: _mean_std([r["per_task_accuracy"][t] for r in runs])[0] for t in tasks}
+    per_task = {t: _mean_std([r["per_task_accuracy"][t] for r in runs]) for t in tasks}
+    result["per_task_accuracy"] = {t: mean for t, (mean, _) in per_task.items()}
+    result["per_task_accuracy_std"] = {t: std for t, (_, std) in per_task.items()}
     for key in ("avg_task_accuracy", "normalized_accuracy", "joint_accuracy"):
         result[key], result[f"{key}_std"] = _mean_std([r[key] for r in runs])
     for key in ("merge_seconds", "stats_seconds", "peak_rss_mb"):
@@ -606,7 +653,10 @@ def results_markdown(report: dict) -> str:
                 _fmt(r["avg_task_accuracy"], std=r.get("avg_task_accuracy_std")),
                 _fmt(r["normalized_accuracy"], std=r.get("normalized_accuracy_std")),
                 _fmt(r["joint_accuracy"], std=r.get("joint_accuracy_std")),
-                *[_fmt(r["per_task_accuracy"].get(t)) for t in tasks],
+                *[
+                    _fmt(r["per_task_accuracy"].get(t), std=r.get("per_task_accuracy_std", {}).get(t))
+                    for t in tasks
+                ],
                 _fmt(r["merge_seconds"]),
                 _fmt(r["stats_seconds"]),
                 _fmt(r["peak_rss_mb"], 0),

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 
 from .data import TaskData, load_entry_data
+from .errors import ConfigError
 from .evaluation import label_positions
 from .methods.registry import AUTO, MethodSpec
 
@@ -45,7 +46,7 @@ def validation_slice(ctx, index: int, samples: int = VALIDATION_SAMPLES) -> tupl
     """
     entry = ctx.config.models[index].data
     if entry is None:
-        raise ValueError(
+        raise ConfigError(
             f"`auto` parameters are chosen on each task's calibration data, but model "
             f"{ctx.sources[index].ref!r} has no `data:` entry in the config. Add one per model, or give a number."
         )
@@ -99,7 +100,7 @@ class ValidationScorer:
         ):
             positions = label_positions(model_labels, SimpleNamespace(name=name, labels=src.labels))
             if positions is None:
-                raise ValueError(f"auto: the merged model has no labels for task {name!r}")
+                raise ConfigError(f"auto: the merged model has no labels for task {name!r}")
             acc = slice_accuracy(model, proc, data, positions, self.ctx.device, self.batch_size)
             ratios.append(acc / ref if ref > 0 else 0.0)
         return sum(ratios) / len(ratios)

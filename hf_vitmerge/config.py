@@ -122,23 +122,35 @@ class MergeConfig(_Strict):
             bad = sorted(set(self.groups) - set(KINDS))
             if bad:
                 raise ValueError(f"groups: unknown group(s) {bad}; valid groups: {', '.join(KINDS)}")
+        from .methods.registry import AUTO, Setting
+
         problems = []  # reported together, so one run names every bad key
-        for spec in [get_method(n) for n in names if n != "per_group"]:
-            if spec.needs_base and not self.base_model:
-                problems.append(
-                    f"base_model: method {spec.name!r} works on task vectors and needs `base_model` "
-                    "(the pre-trained model the inputs were fine-tuned from)"
-                )
-        if self.method != "per_group":
+        without_data = [e.model for e in self.models if e.data is None]
+        setting = Setting(len(self.models), has_base=bool(self.base_model))
+        recipes = [] if self.method == "per_group" else [("parameters", self.method, self.parameters, True)]
+        recipes += [(f"groups.{g}", r.method, r.parameters, False) for g, r in (self.groups or {}).items()]
+        readers = []  # what reads calibration data
+        for where, name, parameters, allow_auto in recipes:
+            spec = get_method(name)
             try:
-                get_method(self.method).validate_params(self.parameters)
-            except ValueError as err:
-                problems.append(f"parameters: {err}")
-        for group, recipe in (self.groups or {}).items():
-            try:
-                get_method(recipe.method).validate_params(recipe.parameters, allow_auto=False)
+                params = spec.validate_params(parameters, allow_auto=allow_auto)
             except (ValueError, TypeError) as err:
-                problems.append(f"groups.{group}: {err}")
+                problems.append(f"{where}: {err}")
+                problems += spec.check_setting(None, setting)
+                continue
+            problems += spec.check_setting(params, setting)
+            if spec.requires_data(params):
+                readers.append(f"method {name!r}")
+            if any(params[k] == AUTO for k in spec.float_parameters()):
+                readers.append("`auto` parameters")
+        if self.heal is not None:
+            readers.append("heal")
+        if readers and without_data:
+            problems.append(
+                f"models: calibration data (each task's images) is needed by "
+                f"{' and '.join(dict.fromkeys(readers))}, but these models have no `data:` entry: "
+                f"{', '.join(map(repr, without_data))}; give every model one"
+            )
         if problems:
             raise ValueError("; ".join(dict.fromkeys(problems)))
         return self

@@ -237,9 +237,10 @@ def evaluate_model(
 ) -> dict:
     """Evaluate a model (object or folder/Hub id) on a suite's test splits.
 
-    Tasks whose labels the model does not have get ``None`` per-task accuracy; joint accuracy
-    counts their examples as errors. ``processor`` defaults to the model folder's processor,
-    or to the first task model's for an in-memory model.
+    Tasks whose labels the model does not have get ``None`` per-task accuracy and count as 0 in
+    the average and normalized accuracy (means over every task evaluated: pass ``tasks`` to
+    evaluate only some); joint accuracy counts their examples as errors. ``processor`` defaults
+    to the model folder's processor, or to the first task model's for an in-memory model.
     """
     from .checks import check_device
 
@@ -288,10 +289,15 @@ def evaluate_model(
         individual=individual,
     )
     per_task = {t.name: scores["per_task_accuracy"].get(t.name) for t in chosen}
+    share = len(covered) / len(chosen)  # a task the model cannot predict scores 0
+
+    def over_all_tasks(mean: float | None) -> float | None:
+        return None if mean is None else mean * share
+
     return {
         "per_task_accuracy": per_task,
-        "avg_task_accuracy": scores["avg_task_accuracy"],
-        "normalized_accuracy": scores["normalized_accuracy"],
+        "avg_task_accuracy": over_all_tasks(scores["avg_task_accuracy"]),
+        "normalized_accuracy": over_all_tasks(scores["normalized_accuracy"]),
         "joint_accuracy": float(torch.cat(joint_hits).mean()) if joint_hits else None,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "throughput_img_s": _throughput(clock),

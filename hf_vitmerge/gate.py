@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .modeling.gated import TaskGate, TaskGateConfig
 
 __all__ = [
@@ -108,13 +108,13 @@ def trainer_arguments(
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"gated: unknown `trainer` argument(s) {unknown}; these are passed to "
             "transformers.TrainingArguments, whose fields include num_train_epochs, learning_rate, "
             "per_device_train_batch_size, weight_decay, warmup_steps, max_steps, optim, lr_scheduler_type"
         )
     if "output_dir" in overrides:
-        raise ValueError(
+        raise ConfigError(
             "gated: `trainer.output_dir` is managed by hf_vitmerge (the gate is saved in the model)"
         )
     kwargs = {
@@ -179,7 +179,7 @@ def train_gate(
     if len(pixels) < 2:
         raise ValueError("train_gate: a gate needs at least two tasks")
     if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"gate_validation_fraction must be in [0, 1), got {validation_fraction}")
+        raise ConfigError(f"gate_validation_fraction must be in [0, 1), got {validation_fraction}")
     train_x, train_y, val_x, val_y = _split(list(pixels), validation_fraction, seed)
     torch.manual_seed(seed)
     features = kind == "features"
@@ -255,12 +255,12 @@ def task_pixels(ctx, samples_per_task: int, method: str) -> list[torch.Tensor]:
     data = []
     for i, entry in enumerate(ctx.config.models):
         if entry.data is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{method}: model {ctx.sources[i].ref!r} has no `data:` entry; the router needs each task's "
                 "training images (or pass a trained router with `gate: folder`)"
             )
         if entry.data.split is not None and entry.data.split == entry.data.test_split:
-            raise ValueError(
+            raise ConfigError(
                 f"{method}: model {ctx.sources[i].ref!r}: `split` and `test_split` are both "
                 f"{entry.data.split!r}; the router must not be trained on evaluation data"
             )
@@ -292,14 +292,14 @@ def router_config(
     if gate is not None:
         c = load_gate(gate, ctx.task_names).config
         if c.kind == "features" and c.in_features != in_features:
-            raise ValueError(
+            raise ConfigError(
                 f"{method}: the router in {gate!r} reads {c.in_features} features, but this merge's router reads "
                 f"{in_features} ({passes} backbone pass(es) of width {ctx.adapter.spec.hidden_size}). Reuse a "
                 "router trained with the same `router_reads`, or train a new one (drop `gate`)."
             )
         return {f: getattr(c, f) for f in _GATE_FIELDS}
     if kind not in GATE_KINDS:
-        raise ValueError(f"{method}: `gate_kind` must be one of {GATE_KINDS}, got {kind!r}")
+        raise ConfigError(f"{method}: `gate_kind` must be one of {GATE_KINDS}, got {kind!r}")
     return {
         "task_names": list(ctx.task_names),
         "kind": kind,
@@ -324,7 +324,9 @@ def fit_router(
     training images (a features router reads ``model``'s own equally weighted backbone).
     Returns the facts for the card (validation accuracy, sample counts, loss)."""
     if trainer is not None and not isinstance(trainer, dict):
-        raise TypeError(f"{method}: `trainer` must be a mapping of TrainingArguments fields, got {trainer!r}")
+        raise ConfigError(
+            f"{method}: `trainer` must be a mapping of TrainingArguments fields, got {trainer!r}"
+        )
     cfg = model.gate.config
     if gate is not None:
         trained = load_gate(gate, ctx.task_names)

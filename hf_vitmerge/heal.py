@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import ConfigError
+
 
 class _Distillation(torch.utils.data.Dataset):
     def __init__(self, pixels: torch.Tensor, teacher: torch.Tensor):
@@ -49,7 +51,7 @@ def heal_images(ctx, samples_per_task: int, processor) -> torch.Tensor:
     out = []
     for i, entry in enumerate(ctx.config.models):
         if entry.data is None:
-            raise ValueError(
+            raise ConfigError(
                 f"heal needs images: model {ctx.sources[i].ref!r} has no `data:` entry in the config"
             )
         data = load_entry_data(entry.data).subset(samples_per_task, seed=ctx.seed)

@@ -154,6 +154,12 @@ def execute(ctx: MergeContext) -> tuple[torch.nn.Module, dict]:
             ctx.config = config = config.model_copy(
                 update={"parameters": {**config.parameters, **auto["chosen"]}}
             )
+        # parameters whose default depends on others or on the models: record the values used
+        resolved = spec.resolved(params, ctx.setting())
+        changed = {k: v for k, v in resolved.items() if v != params[k]}
+        if changed:
+            params = resolved
+            ctx.config = config = config.model_copy(update={"parameters": {**config.parameters, **changed}})
         result = _run_method(ctx, spec, params)
     info = dict(result.info)
     if auto is not None:

@@ -86,6 +86,9 @@ def test_aggregate_seeds_means_stds_and_per_seed():
         "results": [res],
     }
     assert f"0.350 ± {sd:.3f}" in results_markdown(report)
+    # per-task columns too: task a over seeds 0.2, 0.3, 0.4
+    assert res["per_task_accuracy_std"]["a"] == pytest.approx(0.1)
+    assert "| 0.300 ± 0.100 |" in results_markdown(report)
 
 
 def test_single_run_keeps_its_shape():

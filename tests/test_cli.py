@@ -43,6 +43,22 @@ def test_bad_config_is_one_paragraph_without_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_parameter_errors_found_with_the_models_are_one_paragraph_too(tmp_path, micro_suite):
+    """A rule that needs the models (``stop_block`` against the number of blocks) fails after
+    loading, still as a user error (exit 2, no traceback), and writes nothing."""
+    root = micro_suite.parent
+    cfg = tmp_path / "c.yaml"
+    models = [
+        {"model": str(root / f"models/task{i}"), "data": {"path": str(root / f"data/task{i}/train")}}
+        for i in range(2)
+    ]
+    cfg.write_text(yaml.safe_dump({"method": "zipit", "models": models, "parameters": {"stop_block": 99}}))
+    res = run_cli("merge", str(cfg), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "stop_block must be in [0, 2]" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_model_error(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"method": "average", "models": ["./nowhere/a", "./nowhere/b"]}))

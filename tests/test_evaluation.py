@@ -78,6 +78,10 @@ def test_individual_models_score_their_own_task(micro_suite):
         # the other tasks' labels are not all in this model: no per-task score
         others = [t for t in suite.task_names if t != task.name]
         assert all(res["per_task_accuracy"][t] is None for t in others)
+        # ... and each counts as 0 in the mean over the suite's tasks (only one of three is done)
+        assert res["avg_task_accuracy"] == pytest.approx(expected[task.name] / len(suite.tasks))
+        alone = evaluate_model(task.model, suite, tasks=[task.name], normalize=False)
+        assert alone["avg_task_accuracy"] == pytest.approx(expected[task.name])
 
 
 def test_scores_match_an_independent_computation(micro_suite):

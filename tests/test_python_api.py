@@ -7,6 +7,7 @@ import gc
 
 import pytest
 import torch
+import yaml
 from conftest import make_vit
 from PIL import Image
 
@@ -114,6 +115,38 @@ def test_one_call_writes_a_complete_folder_that_pipeline_loads(trio, tmp_path):
     assert {p["label"] for p in preds} == set(model.config.id2label.values())
     with pytest.raises(InputError, match="already exists"):
         hv.merge(_models(trio), "average", out_dir=folder, quiet=True)
+
+
+def test_save_merged_writes_the_folder_of_an_earlier_merge(trio, tmp_path):
+    """``merge()`` without ``out_dir``, then ``save_merged``: the same complete folder (card with
+    the method and the parameters used, resolved where left unset), refused when it exists."""
+    from transformers import ViTForImageClassification, pipeline
+
+    model = hv.merge(_models(trio), "dare", base_model=str(trio / "base"), quiet=True)
+    folder = tmp_path / "later"
+    run = hv.save_merged(model, folder)
+    assert run.path == folder and run.push_url is None
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "merge_config.yaml",
+    ):
+        assert (folder / name).is_file(), name
+    saved = yaml.safe_load((folder / "merge_config.yaml").read_text())
+    assert saved["method"] == "dare" and saved["parameters"]["scaling"] == 0.3  # dare's default over TA
+    assert "scaling: 0.3" in (folder / "README.md").read_text()
+    reloaded = ViTForImageClassification.from_pretrained(folder)
+    for (name, p), q in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    pipeline("image-classification", model=str(folder))
+    with pytest.raises(InputError, match="already exists"):
+        hv.save_merged(model, folder)
+    hv.save_merged(model, folder, overwrite=True)
+    with pytest.raises(InputError, match="not returned by hf_vitmerge.merge"):
+        hv.save_merged(ViTForImageClassification.from_pretrained(folder), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("heads", ["union", "multi"])

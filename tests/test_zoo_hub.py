@@ -99,6 +99,8 @@ def test_rebuild_with_same_seed_versions_and_threads_gives_same_accuracies(tmp_p
     assert 0 <= real["task_identifiability"] <= 1
     readme = (tmp_path / "a" / "README.md").read_text()
     assert "What makes it realistic" in readme and "Reproducibility" in readme and "Regime" in readme
+    base_card = (tmp_path / "a" / "base" / "README.md").read_text()  # every model folder has a card
+    assert "base_model` of" in base_card and "Pre-training data:" in base_card
 
 
 def test_another_seed_changes_the_build(tmp_path):

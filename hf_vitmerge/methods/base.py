@@ -24,7 +24,7 @@ from ..loading import ModelSource
 from ..streaming import StackBuffers, StreamReader, file_order
 from ..threads import intra_op_threads, usable_cores
 from ._stack import TensorStack
-from .registry import MethodSpec
+from .registry import MethodSpec, Setting
 
 
 @dataclass
@@ -63,6 +63,14 @@ class MergeContext:
     @property
     def seed(self) -> int:
         return self.config.seed
+
+    def setting(self) -> Setting:
+        """The merge's setting, with the models read (see :class:`~hf_vitmerge.methods.registry.Setting`)."""
+        return Setting(
+            num_models=len(self.sources),
+            has_base=self.base is not None,
+            num_layers=self.adapter.spec.num_layers,
+        )
 
     @property
     def device(self) -> str:

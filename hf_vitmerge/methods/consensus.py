@@ -43,6 +43,19 @@ from .ties import _CHUNK, trim_cuts, trim_elect_chunk
 _DEFAULT_SCALING = {"task_arithmetic": 0.3, "ties": 1.0}
 
 
+def _check(params: dict, setting) -> None:
+    if params["k"] > setting.num_models:
+        raise ValueError(
+            f"consensus: `k` is {params['k']}, but only {setting.num_models} tasks can agree on a weight; "
+            f"give k <= {setting.num_models} (the paper uses 2)"
+        )
+
+
+def _resolve(params: dict, _setting) -> dict:
+    """``scaling`` left unset: the masked method's own default."""
+    return {"scaling": _DEFAULT_SCALING[params["over"]]}
+
+
 def tall_masks(task_vecs: torch.Tensor, multi_task: torch.Tensor, mask_lambda: float) -> torch.Tensor:
     """Per task, ``|tau_t| > lambda * |tau_MTL - tau_t|`` (a ``[K, *param]`` boolean stack)."""
     return task_vecs.abs() > mask_lambda * (multi_task.unsqueeze(0) - task_vecs).abs()
@@ -104,7 +117,13 @@ def _consensus_fused(
         torch.add(base_flat[start:stop], merged.mul_(scaling), out=out_flat[start:stop])
 
 
-@merge_method("consensus", reference="https://arxiv.org/abs/2405.07813", aliases=("tall_masks",))
+@merge_method(
+    "consensus",
+    reference="https://arxiv.org/abs/2405.07813",
+    aliases=("tall_masks",),
+    check=_check,
+    resolve=_resolve,
+)
 def consensus(
     tensors: list[torch.Tensor],
     base: torch.Tensor,

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..errors import ConfigError
 from ._stack import stacked
-from .registry import Grid, merge_method
+from .registry import AUTO, Grid, merge_method
 from .ties import ties_task_vector_
 
 _DEFAULT_SCALING = {"task_arithmetic": 0.3, "ties": 1.0}
@@ -107,9 +108,21 @@ def _dropped_task_vectors(
 
 def _check_drop_rate(drop_rate: float) -> None:
     if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"dare: drop_rate must be in [0, 1), got {drop_rate}")
+        raise ConfigError(f"dare: drop_rate must be in [0, 1), got {drop_rate}")
     if _drop_levels(drop_rate) >= _LEVELS:
-        raise ValueError(f"dare: drop_rate {drop_rate} is too close to 1 (resolution 2**-16)")
+        raise ConfigError(f"dare: drop_rate {drop_rate} is too close to 1 (resolution 2**-16)")
+
+
+def _check(params: dict, _setting) -> None:
+    if params["combine"] == "task_arithmetic" and params["density"] != 1.0:
+        raise ValueError("dare: `density` only applies to `combine: ties`")
+    if params["drop_rate"] != AUTO:
+        _check_drop_rate(params["drop_rate"])
+
+
+def _resolve(params: dict, _setting) -> dict:
+    """``scaling`` left unset: the combining method's own default."""
+    return {"scaling": _DEFAULT_SCALING[params["combine"]]}
 
 
 def drop_and_rescale(task_vecs: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -122,7 +135,9 @@ def drop_and_rescale(task_vecs: torch.Tensor, drop_rate: float, generator: torch
     return (task_vecs * keep.to(task_vecs.device)).mul_(scale)
 
 
-@merge_method("dare", needs_base=True, reference="https://arxiv.org/abs/2311.03099")
+@merge_method(
+    "dare", needs_base=True, reference="https://arxiv.org/abs/2311.03099", check=_check, resolve=_resolve
+)
 def dare(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None = None,
@@ -144,9 +159,9 @@ def dare(
     task arithmetic.
     """
     if combine not in _DEFAULT_SCALING:
-        raise ValueError(f"dare: combine must be one of {sorted(_DEFAULT_SCALING)}, got {combine!r}")
+        raise ConfigError(f"dare: combine must be one of {sorted(_DEFAULT_SCALING)}, got {combine!r}")
     if combine == "task_arithmetic" and density != 1.0:
-        raise ValueError("dare: density only applies to combine: ties")
+        raise ConfigError("dare: density only applies to combine: ties")
     _check_drop_rate(drop_rate)
     generator = ctx.get("generator") or torch.Generator().manual_seed(0)
     lam = _DEFAULT_SCALING[combine] if scaling is None else float(scaling)

@@ -24,8 +24,22 @@ import time
 
 import torch
 
+from ..errors import ConfigError
+from ..modeling.gated import GateKind, Granularity
 from .base import MergeResult, read_heads
-from .gated import check_router_layers, default_router_layers, routed_config, storage_facts, train_router
+from .gated import (
+    GateChannels,
+    GateFraction,
+    GateHidden,
+    GateSamples,
+    RouterLayers,
+    TopK,
+    check_router_layers,
+    default_router_layers,
+    routed_config,
+    storage_facts,
+    train_router,
+)
 from .registry import merge_method
 
 
@@ -98,28 +112,40 @@ def _checked_router_layers(ctx, granularity: str, router_layers: int | None) -> 
     from ..modeling.gated import GRANULARITIES
 
     if granularity not in GRANULARITIES:
-        raise ValueError(f"emr: `granularity` must be one of {GRANULARITIES}, got {granularity!r}")
+        raise ConfigError(f"emr: `granularity` must be one of {GRANULARITIES}, got {granularity!r}")
     if len(ctx.sources) < 2:
         raise ValueError("emr: needs at least two models")
     check_router_layers(router_layers, ctx.adapter.spec.num_layers, "emr")
     return default_router_layers(router_layers, ctx.adapter.spec.num_layers)
 
 
+def _resolve(_params: dict, setting) -> dict:
+    """With the models read: the number of blocks the router reads."""
+    if setting.num_layers is None:
+        return {}
+    return {"router_layers": default_router_layers(None, setting.num_layers)}
+
+
 @merge_method(
-    "emr", kind="model", needs_base=True, needs_data=True, reference="https://arxiv.org/abs/2405.17461"
+    "emr",
+    kind="model",
+    needs_base=True,
+    needs_data=lambda params: params["gate"] is None,  # only a router to train reads images
+    reference="https://arxiv.org/abs/2405.17461",
+    resolve=_resolve,
 )
 def emr(
     ctx,
     *,
-    granularity: str = "hard",
-    top_k: int = 2,
+    granularity: Granularity = "hard",
+    top_k: TopK = 2,
     gate: str | None = None,
-    gate_kind: str = "features",
-    router_layers: int | None = None,
-    gate_hidden: int | None = None,
-    gate_samples_per_task: int = 512,
-    gate_validation_fraction: float = 0.1,
-    gate_channels: list | None = None,
+    gate_kind: GateKind = "features",
+    router_layers: RouterLayers = None,
+    gate_hidden: GateHidden = None,
+    gate_samples_per_task: GateSamples = 512,
+    gate_validation_fraction: GateFraction = 0.1,
+    gate_channels: GateChannels = None,
     trainer: dict | None = None,
 ):
     """EMR-Merging: unified task vector + a binary mask and a rescaler per task, routed by a task router.

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
+from ..errors import ConfigError
 from .base import MergeContext, MergeResult, read_heads
 from .registry import merge_method
 
@@ -99,7 +102,12 @@ def diagonal_fisher(
 
 
 @merge_method("fisher", kind="model", needs_data=True, reference="https://arxiv.org/abs/2111.09832")
-def fisher(ctx: MergeContext, *, fisher_labels: str = "sampled", fisher_floor: float = 1e-6) -> MergeResult:
+def fisher(
+    ctx: MergeContext,
+    *,
+    fisher_labels: Literal["sampled", "empirical"] = "sampled",
+    fisher_floor: Annotated[float, Field(gt=0)] = 1e-6,
+) -> MergeResult:
     """Fisher-weighted averaging: each parameter is averaged with weights given by each model's diagonal Fisher.
 
     Needs calibration data for every model (``data:`` per model); ``calibration.samples_per_task``
@@ -107,9 +115,9 @@ def fisher(ctx: MergeContext, *, fisher_labels: str = "sampled", fisher_floor: f
     estimator) or ``empirical`` (the data's labels).
     """
     if fisher_labels not in ("sampled", "empirical"):
-        raise ValueError(f"fisher: fisher_labels must be 'sampled' or 'empirical', got {fisher_labels!r}")
+        raise ConfigError(f"fisher: fisher_labels must be 'sampled' or 'empirical', got {fisher_labels!r}")
     if fisher_floor <= 0:
-        raise ValueError(f"fisher: fisher_floor must be positive, got {fisher_floor}")
+        raise ConfigError(f"fisher: fisher_floor must be positive, got {fisher_floor}")
     adapter = ctx.adapter
     merge_head = ctx.heads_mode == "shared"
     keys = adapter.backbone_keys + (adapter.classifier_keys if merge_head else [])

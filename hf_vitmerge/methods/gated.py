@@ -30,14 +30,27 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from typing import Annotated, Literal, get_args
 
 import torch
+from pydantic import Field
 
 from ..arch import ViTAdapter
+from ..errors import ConfigError
+from ..modeling.gated import GateKind, Granularity
 from .base import MergeResult, merged_config_dict, read_heads, union_labels
-from .registry import get_method, merge_method
+from .registry import AUTO, Setting, get_method, merge_method
 
-SIMILARITY_ON = ("weights", "task_vectors")
+SimilarityOn = Literal["weights", "task_vectors"]
+SIMILARITY_ON = get_args(SimilarityOn)
+RouterReads = Literal["auto", "merged", "first", "every"]
+# router options shared by gated and emr
+RouterLayers = Annotated[int, Field(ge=0)] | None
+GateHidden = Annotated[int, Field(ge=1)] | None
+GateSamples = Annotated[int, Field(ge=1)]
+GateFraction = Annotated[float, Field(ge=0, lt=1)]
+GateChannels = list[Annotated[int, Field(ge=1)]] | None
+TopK = Annotated[int, Field(ge=1)]
 BLOCK_KINDS = ("attention", "mlp")
 
 
@@ -60,7 +73,7 @@ def block_similarities(ctx, similarity_on: str = "weights") -> dict[str, dict[in
     """``{kind: {layer: mean pairwise cosine}}`` for attention and MLP blocks of the inputs."""
     adapter: ViTAdapter = ctx.adapter
     if similarity_on == "task_vectors" and ctx.base is None:
-        raise ValueError("gated: `similarity_on: task_vectors` needs `base_model`")
+        raise ConfigError("gated: `similarity_on: task_vectors` needs `base_model`")
     readers = [s.tensors() for s in ctx.sources]
     base = ctx.base.tensors() if similarity_on == "task_vectors" else None
     out: dict[str, dict[int, float]] = {kind: {} for kind in BLOCK_KINDS}
@@ -103,7 +116,7 @@ def resolve_m(m, num_layers: int) -> int:
     if m == "all":
         return num_layers
     if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= num_layers:
-        raise ValueError(f"gated: `m` must be an integer in 0..{num_layers} or 'all', got {m!r}")
+        raise ConfigError(f"gated: `m` must be an integer in 0..{num_layers} or 'all', got {m!r}")
     return m
 
 
@@ -120,15 +133,17 @@ def static_backbone(ctx, method: str, parameters: dict | None, keys: list[str]) 
         return {}
     spec = get_method(method)
     if spec.name == "gated":
-        raise ValueError("gated: `static_method` cannot be 'gated'")
-    params = spec.validate_params(parameters)
+        raise ConfigError("gated: `static_method` cannot be 'gated'")
+    params = spec.validate_params(parameters, allow_auto=False)
     if spec.needs_base and ctx.base is None:
-        raise ValueError(f"gated: static method {spec.name!r} needs `base_model`")
+        raise ConfigError(f"gated: static method {spec.name!r} needs `base_model`")
     if spec.kind == "tensorwise":
         return ctx.run_tensorwise(spec, params, keys)
     result = spec.fn(ctx, **params)
     if result.backbone is None:
-        raise ValueError(f"gated: static method {spec.name!r} returns no backbone tensors and cannot be used")
+        raise ConfigError(
+            f"gated: static method {spec.name!r} returns no backbone tensors and cannot be used"
+        )
     return {k: result.backbone[k] for k in keys}
 
 
@@ -137,9 +152,9 @@ def _checked_options(num_tasks: int, num_layers: int, granularity, similarity_on
     from ..modeling.gated import GRANULARITIES
 
     if granularity not in GRANULARITIES:
-        raise ValueError(f"gated: `granularity` must be one of {GRANULARITIES}, got {granularity!r}")
+        raise ConfigError(f"gated: `granularity` must be one of {GRANULARITIES}, got {granularity!r}")
     if similarity_on not in SIMILARITY_ON:
-        raise ValueError(f"gated: `similarity_on` must be one of {SIMILARITY_ON}, got {similarity_on!r}")
+        raise ConfigError(f"gated: `similarity_on` must be one of {SIMILARITY_ON}, got {similarity_on!r}")
     if num_tasks < 2:
         raise ValueError("gated: needs at least two models")
     check_router_layers(router_layers, num_layers, "gated")
@@ -215,25 +230,68 @@ def train_router(ctx, model, *, method: str, combined: str = "", **router_option
     return info
 
 
-@merge_method("gated", kind="model", needs_data=True, reference="https://arxiv.org/abs/2312.16240")
+def _check(params: dict, setting: Setting) -> None:
+    """What the schema cannot say: the base model some options need, and the static method (a
+    registered method other than gated, or ``auto``) with its own parameters."""
+    if params["similarity_on"] == "task_vectors" and not setting.has_base:
+        raise ValueError("gated: `similarity_on: task_vectors` needs `base_model`")
+    if params["static_method"] == AUTO:
+        return
+    spec = get_method(params["static_method"])
+    if spec.name == "gated":
+        raise ValueError("gated: `static_method` cannot be 'gated'")
+    if spec.needs_base and not setting.has_base:
+        raise ValueError(f"gated: static method {spec.name!r} needs `base_model`")
+    spec.validate_params(params["static_parameters"], allow_auto=False)
+
+
+def _needs_data(params: dict) -> bool:
+    """Training a router reads each task's images; a reused router (``gate``) does not, unless the
+    static method reads calibration data."""
+    if params["gate"] is None:
+        return True
+    static = params["static_method"]
+    if static == AUTO:
+        return False  # task arithmetic or averaging
+    spec = get_method(static)
+    return spec.requires_data(spec.validate_params(params["static_parameters"], allow_auto=False))
+
+
+def _resolve(params: dict, setting: Setting) -> dict:
+    """The static method ``auto`` stands for; with the models read, ``m`` and ``router_layers``."""
+    out = {"static_method": "task_arithmetic" if setting.has_base else "average"}
+    if setting.num_layers is not None:
+        out["m"] = resolve_m(None, setting.num_layers)
+        out["router_layers"] = default_router_layers(None, setting.num_layers)
+    return out
+
+
+@merge_method(
+    "gated",
+    kind="model",
+    needs_data=_needs_data,
+    reference="https://arxiv.org/abs/2312.16240",
+    check=_check,
+    resolve=_resolve,
+)
 def gated(
     ctx,
     *,
-    m: int | str | None = "all",
-    granularity: str = "hard",
-    top_k: int = 2,
-    similarity_on: str = "weights",
+    m: Annotated[int, Field(ge=0)] | Literal["all"] | None = "all",
+    granularity: Granularity = "hard",
+    top_k: TopK = 2,
+    similarity_on: SimilarityOn = "weights",
     dynamic_patch_embedding: bool = True,
     static_method: str = "auto",
     static_parameters: dict | None = None,
     gate: str | None = None,
-    gate_kind: str = "features",
-    router_layers: int | None = None,
-    router_reads: str = "auto",
-    gate_hidden: int | None = None,
-    gate_samples_per_task: int = 512,
-    gate_validation_fraction: float = 0.1,
-    gate_channels: list | None = None,
+    gate_kind: GateKind = "features",
+    router_layers: RouterLayers = None,
+    router_reads: RouterReads = "auto",
+    gate_hidden: GateHidden = None,
+    gate_samples_per_task: GateSamples = 512,
+    gate_validation_fraction: GateFraction = 0.1,
+    gate_channels: GateChannels = None,
     trainer: dict | None = None,
 ):
     """Gated merging: a task router picks which task's dynamic layers run each image; the rest is merged statically.
@@ -296,7 +354,7 @@ def gated(
     return MergeResult(model=model, info=info)
 
 
-ROUTER_READS = ("auto", "merged", "first", "every")
+ROUTER_READS = get_args(RouterReads)
 
 
 def resolve_router_reads(ctx, router_reads: str, *, has_static: bool, router_layers: int) -> str:
@@ -310,7 +368,7 @@ def resolve_router_reads(ctx, router_reads: str, *, has_static: bool, router_lay
     be differently initialised, and their average computes no useful features).
     """
     if router_reads not in ROUTER_READS:
-        raise ValueError(f"gated: `router_reads` must be one of {ROUTER_READS}, got {router_reads!r}")
+        raise ConfigError(f"gated: `router_reads` must be one of {ROUTER_READS}, got {router_reads!r}")
     if router_reads != "auto":
         return router_reads
     if 2 * len(ctx.sources) * router_layers <= ctx.adapter.spec.num_layers:
@@ -346,7 +404,7 @@ def check_router_layers(router_layers, num_layers: int, method: str) -> None:
         or not isinstance(router_layers, int)
         or not 0 <= router_layers <= num_layers
     ):
-        raise ValueError(
+        raise ConfigError(
             f"{method}: `router_layers` must be null or an integer in 0..{num_layers}, got {router_layers!r}"
         )
 

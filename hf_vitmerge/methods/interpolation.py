@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from .average import weighted_average
+from .average import Weights, check_weights, weighted_average
 from .registry import merge_method
 
 
-@merge_method("interpolation", reference="https://arxiv.org/abs/2304.14933")
+@merge_method("interpolation", reference="https://arxiv.org/abs/2304.14933", check=check_weights)
 def interpolation(
-    tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, weights: list | None = None, **_
+    tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, weights: Weights = None, **_
 ) -> torch.Tensor:
     """Weighted interpolation of the models' weights (Sung et al.'s ``merge_weights``).
 

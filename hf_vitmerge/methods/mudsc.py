@@ -34,12 +34,14 @@ S_weight are combined unscaled, as in the released code.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 from ..alignment import (
     QKFeatures,
+    ResidualFeatures,
     activation_similarities,
     aligned_result,
     alignment_units,
@@ -48,31 +50,32 @@ from ..alignment import (
     solve_unit,
     weight_similarity,
 )
+from ..errors import ConfigError
 from ..matching import matched_similarity
 from .registry import Grid, merge_method
 
 
 def _check_params(lam: float, solver: str, max_sweeps: int, patience: int) -> None:
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"mudsc: lam must be in [0, 1], got {lam}")
+        raise ConfigError(f"mudsc: lam must be in [0, 1], got {lam}")
     if solver not in ("zip", "hungarian"):
-        raise ValueError(f"mudsc: solver must be 'zip' or 'hungarian', got {solver!r}")
+        raise ConfigError(f"mudsc: solver must be 'zip' or 'hungarian', got {solver!r}")
     if max_sweeps < 0 or patience < 1:
-        raise ValueError(f"mudsc: need max_sweeps >= 0 and patience >= 1, got {max_sweeps}, {patience}")
+        raise ConfigError(f"mudsc: need max_sweeps >= 0 and patience >= 1, got {max_sweeps}, {patience}")
 
 
 @merge_method("mudsc", kind="model", needs_data=True, reference="https://arxiv.org/abs/2403.01753")
 def mudsc(
     ctx,
     *,
-    lam: Annotated[float, Grid(0.1, 0.25, 0.5, 0.75)] = 0.25,
-    solver: str = "zip",
-    alpha: float = 0.5,
-    beta: float = 1.0,
-    max_sweeps: int = 100,
-    patience: int = 5,
+    lam: Annotated[float, Field(ge=0, le=1), Grid(0.1, 0.25, 0.5, 0.75)] = 0.25,
+    solver: Literal["zip", "hungarian"] = "zip",
+    alpha: Annotated[float, Field(le=1)] = 0.5,
+    beta: Annotated[float, Field(ge=0, le=1)] = 1.0,
+    max_sweeps: Annotated[int, Field(ge=0)] = 100,
+    patience: Annotated[int, Field(ge=1)] = 5,
     repair: bool = True,
-    residual_features: str = "layernorms",
+    residual_features: ResidualFeatures = "layernorms",
     qk_features: QKFeatures = "k",
 ):
     """MuDSC: dual-space (weight + activation) similarity, zip or Hungarian, coordinate descent."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import KINDS
+from ..errors import ConfigError
 from .base import MergeContext, MergeResult, read_heads
 from .registry import MethodSpec, get_method
 
@@ -37,7 +38,7 @@ def _recipes(ctx: MergeContext) -> dict[str, tuple[MethodSpec, dict]]:
         spec = get_method(config.method)
         default = (spec, spec.validate_params(config.parameters))
     elif config.parameters:
-        raise ValueError(
+        raise ConfigError(
             "parameters: with `method: per_group` there is no default method to take them; "
             "put parameters under each `groups.<group>.parameters`"
         )
@@ -52,13 +53,13 @@ def _recipes(ctx: MergeContext) -> dict[str, tuple[MethodSpec, dict]]:
             try:
                 out[kind] = (spec, spec.validate_params(groups[kind].parameters))
             except ValueError as err:
-                raise ValueError(f"groups.{kind}: {err}") from None
+                raise ConfigError(f"groups.{kind}: {err}") from None
         elif default is not None:
             out[kind] = default
         else:
             missing.append(kind)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"groups: `method: per_group` has no default, so every group needs a recipe; missing {missing}. "
             "List them under `groups:` or set a top-level `method:` as the default."
         )
@@ -122,7 +123,7 @@ def _run_model_recipes(ctx: MergeContext, recipes: dict, info: dict) -> dict[str
         if spec.kind == "model" and rid not in model_results:
             result = spec.fn(ctx, **params)
             if result.model is not None or result.backbone is None:
-                raise ValueError(
+                raise ConfigError(
                     f"groups.{kind}: method {spec.name!r} builds a complete custom model and cannot merge "
                     "one layer group; use it as the only method"
                 )
@@ -138,7 +139,7 @@ def _check_one_basis(recipes: dict, model_results: dict[str, MergeResult], own_h
     for rid, result in model_results.items():
         if result.heads is not None and not _same_heads(result.heads, own_heads) and len(all_rids) > 1:
             name = rid.split("[", 1)[0]
-            raise ValueError(
+            raise ConfigError(
                 f"method {name!r} changes the models' residual basis (its heads differ from the inputs' heads), "
                 "so its groups cannot be combined with groups merged by other methods"
             )

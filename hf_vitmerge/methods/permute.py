@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from ..alignment import (
     QKFeatures,
+    Reference,
+    ResidualFeatures,
     activation_similarities,
     aligned_result,
     alignment_units,
@@ -31,9 +33,9 @@ from .registry import merge_method
 def permute(
     ctx,
     *,
-    reference: str = "first",
+    reference: Reference = "first",
     repair: bool = True,
-    residual_features: str = "layernorms",
+    residual_features: ResidualFeatures = "layernorms",
     qk_features: QKFeatures = "k",
 ):
     """Permute-then-average: Hungarian matching of activation correlations (head-aware), then averaging."""

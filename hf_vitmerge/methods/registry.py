@@ -18,8 +18,15 @@ it has none, by its default's type), with ranges and choices from ``Annotated[..
 
 A tensorwise method whose ``base`` argument has no default needs a base model. ``Grid``
 declares the values tried when a config sets the parameter to ``auto`` (any float parameter
-may be ``auto``; see :mod:`hf_vitmerge.autotune`). Configs are validated against the schema
-before any model is loaded, with a message naming the method and the parameter.
+with a grid, or a non-zero default to build one from, may be ``auto``; see
+:mod:`hf_vitmerge.autotune`). Configs are validated against the schema before any model is
+loaded, with a message naming the method and the parameter, and so are the conditions a
+method puts on the whole merge (:class:`Setting`: how many models, whether a base model is
+given) and whether calibration data is needed: ``needs_data`` may be a rule of the parameters (a gated merge
+that reuses a trained router reads no images), and a ``check`` hook states rules that involve
+several parameters or the setting. A ``resolve`` hook turns parameters left ``None`` (whose
+default depends on other parameters or on the setting) into the values the merge uses, so
+that the model card, ``merge_config.yaml`` and bench results record what really ran.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from typing import Any
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
+
+from ..errors import ConfigError
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _LOADED = False
@@ -75,16 +84,30 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """What a merge is given besides the method's parameters (known before any model loads;
+    ``num_layers`` only once the models are read). Calibration data is checked by the config,
+    from :meth:`MethodSpec.requires_data`."""
+
+    num_models: int
+    has_base: bool
+    num_layers: int | None = None
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     fn: Callable
     kind: str  # "tensorwise" | "model"
     needs_base: bool
-    needs_data: bool
+    needs_data: bool  # whether the method can read calibration data (see ``requires_data``)
     reference: str
     defaults: dict = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     schema: type[BaseModel] | None = None  # pydantic model of the keyword parameters
+    data_rule: Callable[[dict], bool] | None = None  # params -> needs data (default: needs_data)
+    check: Callable[[dict, Setting], None] | None = None  # raises ValueError naming the parameter
+    resolve: Callable[[dict, Setting], dict] | None = None  # values for parameters left None
 
     def __post_init__(self) -> None:
         if self.schema is None:  # built by hand: type each parameter by its default
@@ -109,7 +132,7 @@ class MethodSpec:
                 return meta.values
         default = self.defaults.get(name)
         if isinstance(default, bool) or not isinstance(default, (int, float)) or default == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"parameter {name!r} of method {self.name!r} declares no grid for `auto` and has no "
                 "non-zero numeric default to build one from; give it a number"
             )
@@ -119,15 +142,16 @@ class MethodSpec:
     def validate_params(self, params: dict | None, *, allow_auto: bool = True) -> dict:
         """Defaults updated by ``params``, checked against the schema.
 
-        Raises ``ValueError`` naming the method and the parameter: unknown keys (with the list
-        of valid ones), wrong types, values out of range or not among the choices. Float
-        parameters may be ``"auto"`` (kept as the string; resolved when the merge runs).
+        Raises :class:`~hf_vitmerge.errors.ConfigError` (a ``ValueError``) naming the method and
+        the parameter: unknown keys (with the list of valid ones), wrong types, values out of
+        range or not among the choices. Float parameters with a grid may be ``"auto"`` (kept as
+        the string; resolved when the merge runs).
         """
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             valid = ", ".join(sorted(self.defaults)) or "(none)"
-            raise ValueError(
+            raise ConfigError(
                 f"unknown parameter(s) {unknown} for method {self.name!r}; valid parameters: {valid}"
             )
         floats = set(self.float_parameters())
@@ -135,20 +159,52 @@ class MethodSpec:
         # a string parameter may list "auto" among its own choices (gated's static_method)
         autos -= {k for k in autos if k not in floats and _admits_auto_string(self.schema.model_fields[k])}
         if autos and not allow_auto:
-            raise ValueError(f"method {self.name!r}: parameter(s) {sorted(autos)} cannot be `auto` here")
+            raise ConfigError(f"method {self.name!r}: parameter(s) {sorted(autos)} cannot be `auto` here")
         for key in sorted(autos - floats):
-            raise ValueError(
+            raise ConfigError(
                 f"parameter {key!r} of method {self.name!r} cannot be `auto`: only float parameters "
                 f"can ({', '.join(sorted(floats)) or 'this method has none'})"
             )
+        for key in sorted(autos):
+            self.auto_grid(key)  # no grid to choose from: an error now, not after loading
         concrete = {k: v for k, v in params.items() if k not in autos}
         try:
             model = self.schema.model_validate(concrete)
         except ValidationError as err:
-            raise ValueError(_format_param_error(self.name, err, concrete)) from None
+            raise ConfigError(_format_param_error(self.name, err, concrete)) from None
         merged = {k: getattr(model, k) for k in self.defaults}
         merged.update({k: AUTO for k in autos})
         return merged
+
+    def requires_data(self, params: dict) -> bool:
+        """Whether a merge with these (validated) parameters reads calibration data."""
+        return self.data_rule(params) if self.data_rule is not None else self.needs_data
+
+    def check_setting(self, params: dict | None, setting: Setting) -> list[str]:
+        """What is wrong with running this method, with ``params`` (validated; ``None`` when they
+        are not, which skips the checks that read them), in ``setting``: one message per problem
+        (empty when it can run). Missing calibration data is the config's to report (it names
+        the models): see :meth:`requires_data`."""
+        problems = []
+        if self.needs_base and not setting.has_base:
+            problems.append(
+                f"base_model: method {self.name!r} works on task vectors and needs `base_model` "
+                "(the pre-trained model the inputs were fine-tuned from)"
+            )
+        if self.check is not None and params is not None:
+            try:
+                self.check(params, setting)
+            except ValueError as err:
+                problems.append(f"parameters: {err}")
+        return problems
+
+    def resolved(self, params: dict, setting: Setting) -> dict:
+        """``params`` with the parameters left ``None`` (or a choice ``auto``) that the method's
+        ``resolve`` hook determines replaced by the values the merge uses."""
+        if self.resolve is None:
+            return dict(params)
+        updates = self.resolve(params, setting)
+        return {**params, **{k: v for k, v in updates.items() if params.get(k) in (None, AUTO)}}
 
     def describe(self) -> list[dict]:
         """One row per parameter: name, type, default, constraints (for docs and ``--help``)."""
@@ -316,14 +372,19 @@ def merge_method(
     *,
     kind: str = "tensorwise",
     needs_base: bool | None = None,
-    needs_data: bool = False,
+    needs_data: bool | Callable[[dict], bool] = False,
     reference: str = "",
     aliases: tuple[str, ...] = (),
+    check: Callable[[dict, Setting], None] | None = None,
+    resolve: Callable[[dict, Setting], dict] | None = None,
 ):
     """Register a merge method; its keyword-only parameters form its typed schema.
 
     ``needs_base`` defaults to what the signature says (a tensorwise ``base`` argument without
-    a default); an explicit value wins.
+    a default); an explicit value wins. ``needs_data``: a bool, or a rule of the validated
+    parameters. ``check(params, setting)`` raises ``ValueError`` for a combination the schema
+    cannot express; ``resolve(params, setting)`` gives the values of parameters left ``None``
+    (see the module docstring).
     """
     if kind not in ("tensorwise", "model"):
         raise ValueError(f"kind must be 'tensorwise' or 'model', got {kind!r}")
@@ -331,7 +392,10 @@ def merge_method(
     def wrap(fn: Callable) -> Callable:
         schema, defaults = parameter_schema(fn, name)
         base = _signature_needs_base(fn, kind) if needs_base is None else needs_base
-        spec = MethodSpec(name, fn, kind, base, needs_data, reference, defaults, aliases, schema)
+        rule = needs_data if callable(needs_data) else None
+        spec = MethodSpec(
+            name, fn, kind, base, bool(needs_data), reference, defaults, aliases, schema, rule, check, resolve
+        )
         for n in (name, *aliases):
             if n in _REGISTRY and _REGISTRY[n].fn is not fn:
                 raise ValueError(f"merge method {n!r} is registered twice")
@@ -347,7 +411,7 @@ def get_method(name: str) -> MethodSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown merge method {name!r}; available: {', '.join(available_methods())}"
         ) from None
 

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
+from ..errors import ConfigError
 from ..stats import collect_model_stats, source_cache_key
 from .base import MergeResult, read_heads
 from .registry import merge_method
@@ -56,9 +59,9 @@ def regmean_solve(
     if len(weights) != len(grams) or not weights:
         raise ValueError(f"regmean: need one Gram per weight, got {len(weights)} weights, {len(grams)} Grams")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"regmean: alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"regmean: alpha must be in [0, 1], got {alpha}")
     if ridge < 0:
-        raise ValueError(f"regmean: ridge must be non-negative, got {ridge}")
+        raise ConfigError(f"regmean: ridge must be non-negative, got {ridge}")
     dim = weights[0].shape[1]
     for w, g in zip(weights, grams, strict=True):
         if w.ndim != 2 or w.shape != weights[0].shape or g.shape != (dim, dim):
@@ -91,7 +94,13 @@ def regmean_points(num_layers: int, with_head: bool) -> list[str]:
 
 
 @merge_method("regmean", kind="model", needs_data=True, reference="https://arxiv.org/abs/2212.09849")
-def regmean(ctx, *, alpha: float = 0.9, ridge: float = 1e-6, normalize_gram: bool = True):
+def regmean(
+    ctx,
+    *,
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.9,
+    ridge: Annotated[float, Field(ge=0)] = 1e-6,
+    normalize_gram: bool = True,
+):
     """RegMean: per linear layer, the weights that best reproduce every model's outputs on its
     own data (closed form from input Grams); other parameters averaged."""
     adapter = ctx.adapter

@@ -17,9 +17,13 @@ ViT needs for function preservation; the paper covers MLPs/CNNs only.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from ..alignment import (
+    Reference,
     aligned_result,
     alignment_units,
     axis_owners,
@@ -28,14 +32,17 @@ from ..alignment import (
     solve_unit,
     weight_similarity,
 )
+from ..errors import ConfigError
 from .registry import merge_method
 
 
 @merge_method("weight_matching", kind="model", needs_data=False, reference="https://arxiv.org/abs/2209.04836")
-def weight_matching(ctx, *, max_sweeps: int = 100, reference: str = "first", repair: bool = True):
+def weight_matching(
+    ctx, *, max_sweeps: Annotated[int, Field(ge=1)] = 100, reference: Reference = "first", repair: bool = True
+):
     """Git Re-Basin weight matching (coordinate descent on weight inner products), then averaging."""
     if max_sweeps < 1:
-        raise ValueError(f"weight_matching: max_sweeps must be >= 1, got {max_sweeps}")
+        raise ConfigError(f"weight_matching: max_sweeps must be >= 1, got {max_sweeps}")
     adapter = ctx.adapter
     groups = adapter.groups()
     states = load_states(ctx, adapter.keys)

@@ -45,12 +45,13 @@ dividing by 1e-7.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field
 
 from ..alignment import (
     QKFeatures,
+    ResidualFeatures,
     activation_similarities,
     aligned_result,
     alignment_units,
@@ -60,8 +61,9 @@ from ..alignment import (
     solve_unit,
     trunk_groups,
 )
+from ..errors import ConfigError
 from .base import MergeResult
-from .registry import merge_method
+from .registry import Grid, merge_method
 
 # (alpha, beta) used when the parameter is left unset, per mode (see the module docstring; the
 # full-zip pair was chosen on calibration-split validation data by benchmarks/align_defaults.py)
@@ -69,15 +71,23 @@ FULL_ZIP_DEFAULTS = (0.7, 0.5)
 PARTIAL_ZIP_DEFAULTS = (0.5, 1.0)
 
 
-@merge_method("zipit", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053")
+def _resolve(params: dict, _setting) -> dict:
+    """``alpha`` / ``beta`` left unset: the pair of the mode (full or partial zip)."""
+    alpha, beta = FULL_ZIP_DEFAULTS if params["stop_block"] is None else PARTIAL_ZIP_DEFAULTS
+    return {"alpha": alpha, "beta": beta}
+
+
+@merge_method(
+    "zipit", kind="model", needs_data=True, reference="https://arxiv.org/abs/2305.03053", resolve=_resolve
+)
 def zipit(
     ctx,
     *,
-    alpha: Annotated[float, Field(le=1)] | None = None,
-    beta: Annotated[float, Field(ge=0, le=1)] | None = None,
+    alpha: Annotated[float, Field(le=1), Grid(0.3, 0.5, 0.7, 0.9)] | None = None,
+    beta: Annotated[float, Field(ge=0, le=1), Grid(0.0, 0.5, 1.0)] | None = None,
     stop_block: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0, lt=1)] | None = None,
     repair: bool = True,
-    residual_features: Literal["cls", "tokens", "layernorms"] = "layernorms",
+    residual_features: ResidualFeatures = "layernorms",
     qk_features: QKFeatures = "k",
 ):
     """ZipIt!: greedy zip of correlated features within and across models (optionally partial)."""
@@ -87,11 +97,11 @@ def zipit(
     alpha = mode_alpha if alpha is None else float(alpha)
     beta = mode_beta if beta is None else float(beta)
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"zipit: beta must be in [0, 1], got {beta}")
+        raise ConfigError(f"zipit: beta must be in [0, 1], got {beta}")
     if alpha > 1.0:
-        raise ValueError(f"zipit: alpha must be <= 1, got {alpha}")
+        raise ConfigError(f"zipit: alpha must be <= 1, got {alpha}")
     if stop is not None and ctx.heads_mode == "shared":
-        raise ValueError(
+        raise ConfigError(
             "zipit: a partial zip (stop_block) keeps one head per model and needs models with their own "
             "label spaces; for models that share labels use a full zip (stop_block: null)"
         )

@@ -44,14 +44,17 @@ can train the router inside the merged model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, ViTConfig, ViTModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-GRANULARITIES = ("hard", "topk", "batch")
-GATE_KINDS = ("features", "cnn")
+Granularity = Literal["hard", "topk", "batch"]
+GateKind = Literal["features", "cnn"]
+GRANULARITIES = get_args(Granularity)
+GATE_KINDS = get_args(GateKind)
 
 # Checkpoint (transformers 4.x) module names inside a block -> transformers 5.x in-memory names.
 _V5_BLOCK_NAMES = {

@@ -214,6 +214,32 @@ The suite's README.md describes the data, architecture and training recipe.
 """
 
 
+def _base_card(suite: SuiteSpec, size: SizeSpec, seed: int, result: _Trained) -> str:
+    return f"""---
+library_name: transformers
+pipeline_tag: image-classification
+tags:
+- hf_vitmerge
+- hf_vitmerge-zoo
+- {suite.name}
+---
+
+# {suite.name} / base ({size.name}, seed {seed})
+
+The shared pre-trained `ViTForImageClassification` of the hf_vitmerge benchmark zoo, suite
+`{suite.name}`: every task model of the suite was fine-tuned from it, so it is the `base_model` of
+task-vector merges. Trained on this machine by `hf-vitmerge zoo build`.
+
+- Pre-training data: {result.data}
+- Recipe: {result.recipe}
+- Test accuracy (upstream test split, {result.samples} images): {result.accuracy:.4f}
+{"- " + size.note if size.note else ""}
+
+Load with `AutoModelForImageClassification.from_pretrained` and `AutoImageProcessor.from_pretrained`.
+The suite's README.md describes the data, architecture and training recipe.
+"""
+
+
 _REPRO = (
     "The build is deterministic on one machine: the same suite, size, seed, library versions "
     "(torch, transformers, numpy, Pillow, hf_vitmerge) and torch thread count give the same "
@@ -439,7 +465,7 @@ def _build_into(tmp: Path, suite: SuiteSpec, size: SizeSpec, seed: int, quiet: b
     base_model, base_result = None, None
     if suite.init == "shared":
         base_model, base_result = _pretrain(suite, size, arch, seed, quiet)
-        _save_model(base_model, arch, tmp / "base")
+        _save_model(base_model, arch, tmp / "base", _base_card(suite, size, seed, base_result))
         bar.update()
     results, kept = [], []
     measure = base_model is not None and size.pixel_limit is None
