@@ -344,6 +344,13 @@ def test_reuse_trained_gate(gated_model, zoo, tmp_path):
     pixels, _ = _pixels(zoo)
     with torch.no_grad():
         torch.testing.assert_close(again(pixel_values=pixels).logits, gated_model(pixel_values=pixels).logits)
+    # a reused router reads no images: the same merge from models without `data:` entries
+    bare = {**_config(zoo, m=1, gate=str(tmp_path / "gate")), "models": [m["model"] for m in zoo["models"]]}
+    without_data = merge(bare, quiet=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            without_data(pixel_values=pixels).logits, again(pixel_values=pixels).logits
+        )
 
 
 def test_self_contained_layout_table_matches_the_adapter():
