@@ -25,6 +25,19 @@ TINY = dict(
 )
 
 
+def assert_complete_merged_folder(folder: Path) -> None:
+    """A folder hf_vitmerge wrote for a merge: weights, config, image processor, card, merge config
+    (INTERFACES.md section 5)."""
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "merge_config.yaml",
+    ):
+        assert (Path(folder) / name).is_file(), name
+
+
 def tiny_config(labels=("a", "b", "c"), **overrides):
     from transformers import ViTConfig
 

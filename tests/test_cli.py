@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import assert_complete_merged_folder
 
 from hf_vitmerge.cli import main
 from hf_vitmerge.methods import get_method
@@ -87,14 +88,7 @@ def test_merge_writes_loadable_folder_and_refuses_to_overwrite(tmp_path, micro_s
     )
     out = tmp_path / "merged"
     assert main(["merge", str(cfg), "--out", str(out), "--quiet"]) == 0
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-        "README.md",
-        "merge_config.yaml",
-    ):
-        assert (out / name).is_file(), name
+    assert_complete_merged_folder(out)
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.num_labels == 7
     before = (out / "model.safetensors").read_bytes()

@@ -8,7 +8,7 @@ import gc
 import pytest
 import torch
 import yaml
-from conftest import make_vit
+from conftest import assert_complete_merged_folder, make_vit
 from PIL import Image
 
 import hf_vitmerge as hv
@@ -102,14 +102,7 @@ def test_one_call_writes_a_complete_folder_that_pipeline_loads(trio, tmp_path):
         out_dir=folder,
         quiet=True,
     )
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-        "README.md",
-        "merge_config.yaml",
-    ):
-        assert (folder / name).is_file(), name
+    assert_complete_merged_folder(folder)
     classifier = pipeline("image-classification", model=str(folder))
     preds = classifier(Image.new("RGB", (16, 16), (10, 200, 30)), top_k=model.config.num_labels)
     assert {p["label"] for p in preds} == set(model.config.id2label.values())
@@ -126,14 +119,7 @@ def test_save_merged_writes_the_folder_of_an_earlier_merge(trio, tmp_path):
     folder = tmp_path / "later"
     run = hv.save_merged(model, folder)
     assert run.path == folder and run.push_url is None
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-        "README.md",
-        "merge_config.yaml",
-    ):
-        assert (folder / name).is_file(), name
+    assert_complete_merged_folder(folder)
     saved = yaml.safe_load((folder / "merge_config.yaml").read_text())
     assert saved["method"] == "dare" and saved["parameters"]["scaling"] == 0.3  # dare's default over TA
     assert "scaling: 0.3" in (folder / "README.md").read_text()

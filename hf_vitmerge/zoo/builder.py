@@ -187,8 +187,9 @@ def _pixels(arch: ArchSpec, images: list, labels: list[int], limit: int | None) 
     return processor_pixels(arch.processor(), images[:n]), torch.tensor(labels[:n], dtype=torch.long)
 
 
-def _model_card(suite: SuiteSpec, size: SizeSpec, seed: int, task: TaskData, result: _Trained) -> str:
-    labels = ", ".join(f"`{x}`" for x in task.labels)
+def _zoo_card(suite: SuiteSpec, size: SizeSpec, title: str, intro: str, facts: list[str]) -> str:
+    """A zoo model folder's card: front matter, title, what the model is, facts, how to load it."""
+    lines = "\n".join(f"- {f}" for f in facts) + (f"\n- {size.note}" if size.note else "\n")
     return f"""---
 library_name: transformers
 pipeline_tag: image-classification
@@ -198,46 +199,48 @@ tags:
 - {suite.name}
 ---
 
-# {suite.name} / {task.name} ({size.name}, seed {seed})
+# {title}
 
-A `ViTForImageClassification` of the hf_vitmerge benchmark zoo, suite `{suite.name}`
-({suite.init} initialisation), trained on this machine by `hf-vitmerge zoo build`.
+{intro}
 
-- Task: {task.description}
-- Labels: {labels}
-- Initialisation: {result.init}
-- Test accuracy (own test split, {result.samples} images): {result.accuracy:.4f}
-{"- " + size.note if size.note else ""}
+{lines}
 
 Load with `AutoModelForImageClassification.from_pretrained` and `AutoImageProcessor.from_pretrained`.
 The suite's README.md describes the data, architecture and training recipe.
 """
+
+
+def _model_card(suite: SuiteSpec, size: SizeSpec, seed: int, task: TaskData, result: _Trained) -> str:
+    labels = ", ".join(f"`{x}`" for x in task.labels)
+    return _zoo_card(
+        suite,
+        size,
+        f"{suite.name} / {task.name} ({size.name}, seed {seed})",
+        f"A `ViTForImageClassification` of the hf_vitmerge benchmark zoo, suite `{suite.name}`\n"
+        f"({suite.init} initialisation), trained on this machine by `hf-vitmerge zoo build`.",
+        [
+            f"Task: {task.description}",
+            f"Labels: {labels}",
+            f"Initialisation: {result.init}",
+            f"Test accuracy (own test split, {result.samples} images): {result.accuracy:.4f}",
+        ],
+    )
 
 
 def _base_card(suite: SuiteSpec, size: SizeSpec, seed: int, result: _Trained) -> str:
-    return f"""---
-library_name: transformers
-pipeline_tag: image-classification
-tags:
-- hf_vitmerge
-- hf_vitmerge-zoo
-- {suite.name}
----
-
-# {suite.name} / base ({size.name}, seed {seed})
-
-The shared pre-trained `ViTForImageClassification` of the hf_vitmerge benchmark zoo, suite
-`{suite.name}`: every task model of the suite was fine-tuned from it, so it is the `base_model` of
-task-vector merges. Trained on this machine by `hf-vitmerge zoo build`.
-
-- Pre-training data: {result.data}
-- Recipe: {result.recipe}
-- Test accuracy (upstream test split, {result.samples} images): {result.accuracy:.4f}
-{"- " + size.note if size.note else ""}
-
-Load with `AutoModelForImageClassification.from_pretrained` and `AutoImageProcessor.from_pretrained`.
-The suite's README.md describes the data, architecture and training recipe.
-"""
+    return _zoo_card(
+        suite,
+        size,
+        f"{suite.name} / base ({size.name}, seed {seed})",
+        f"The shared pre-trained `ViTForImageClassification` of the hf_vitmerge benchmark zoo, suite\n"
+        f"`{suite.name}`: every task model of the suite was fine-tuned from it, so it is the `base_model` of\n"
+        "task-vector merges. Trained on this machine by `hf-vitmerge zoo build`.",
+        [
+            f"Pre-training data: {result.data}",
+            f"Recipe: {result.recipe}",
+            f"Test accuracy (upstream test split, {result.samples} images): {result.accuracy:.4f}",
+        ],
+    )
 
 
 _REPRO = (
